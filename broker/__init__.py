@@ -1,0 +1,1 @@
+"""The lmx broker: admission accounting, agent registry and request queue (never CUDA)."""

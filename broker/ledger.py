@@ -1,0 +1,107 @@
+"""The VRAM ledger: a pure, lock-protected book of device bytes (no sockets, no clock).
+
+cap = admission_percent x device total. A booking is admitted only if
+allocated + requested <= cap; the check and the booking happen under one lock, so concurrent
+reservations can never overcommit.
+"""
+import threading
+from dataclasses import dataclass
+
+from lmx.common.errors import Code, LmxError, Reason
+
+
+@dataclass(frozen=True)
+class Denial:
+    """Why a reservation was refused, with the numbers an operator needs."""
+
+    reason: str
+    ledger_max_bytes: int
+    ledger_allocated_bytes: int
+    requested_bytes: int
+
+    def error(self, what):
+        """The VRAM_LEDGER_DENY error for this denial."""
+        free = self.ledger_max_bytes - self.ledger_allocated_bytes
+        return LmxError(
+            Code.VRAM_LEDGER_DENY,
+            f"{what} needs {self.requested_bytes} bytes but only {max(free, 0)} of the "
+            f"{self.ledger_max_bytes}-byte cap are free",
+            self.reason, ledger_max_bytes=self.ledger_max_bytes,
+            ledger_allocated_bytes=self.ledger_allocated_bytes,
+            requested_bytes=self.requested_bytes)
+
+
+class Ledger:
+    """Bookings keyed by name (e.g. 'agent:smol'); allocated is always their sum."""
+
+    def __init__(self, total_bytes=None, admission_percent=90):
+        if not 0 < admission_percent <= 100:
+            raise ValueError(f"admission percent must be in (0, 100], got {admission_percent}")
+        self._lock = threading.Lock()
+        self._bookings = {}
+        self._allocated = 0
+        self.admission_percent = admission_percent
+        self.total_bytes = None
+        if total_bytes is not None:
+            self.set_total(total_bytes)
+
+    @property
+    def max_bytes(self):
+        """The cap: admission percent of the device total (0 while the total is unknown)."""
+        if self.total_bytes is None:
+            return 0
+        return self.total_bytes * self.admission_percent // 100
+
+    @property
+    def allocated_bytes(self):
+        """Sum of all bookings."""
+        return self._allocated
+
+    def set_total(self, total_bytes):
+        """Set the device total; existing bookings stay even if they now exceed the cap."""
+        if total_bytes <= 0:
+            raise ValueError(f"device total must be positive, got {total_bytes}")
+        with self._lock:
+            self.total_bytes = int(total_bytes)
+
+    def try_reserve(self, key, nbytes):
+        """Book nbytes under key if it fits; return None on success or a Denial."""
+        if nbytes < 0:
+            raise ValueError(f"cannot book negative bytes ({nbytes})")
+        with self._lock:
+            if key in self._bookings:
+                raise KeyError(f"ledger: {key!r} is already booked")
+            if self.total_bytes is None:
+                return Denial(Reason.NO_DEVICE_TOTAL, 0, self._allocated, nbytes)
+            if self._allocated + nbytes > self.max_bytes:
+                return Denial(Reason.CAP, self.max_bytes, self._allocated, nbytes)
+            self._bookings[key] = nbytes
+            self._allocated += nbytes
+            return None
+
+    def force(self, key, nbytes):
+        """Book without the cap check (fixed costs already paid, e.g. the worker's context)."""
+        with self._lock:
+            self._allocated += nbytes - self._bookings.get(key, 0)
+            self._bookings[key] = nbytes
+
+    def release(self, key):
+        """Drop a booking and return its bytes (0 if there was none)."""
+        with self._lock:
+            nbytes = self._bookings.pop(key, 0)
+            self._allocated -= nbytes
+            return nbytes
+
+    def booked(self, key):
+        """Bytes booked under key, or None."""
+        return self._bookings.get(key)
+
+    def snapshot(self):
+        """A copy of the numbers, for STATUS and tests."""
+        with self._lock:
+            return {"ledger_max_bytes": self.max_bytes,
+                    "ledger_allocated_bytes": self._allocated,
+                    "ledger_free_bytes": max(self.max_bytes - self._allocated, 0),
+                    "admission_percent": self.admission_percent,
+                    "device_total_bytes": self.total_bytes,
+                    "bookings": dict(self._bookings)}

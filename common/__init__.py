@@ -1,0 +1,1 @@
+"""Code shared by the broker, the worker and agents: wire protocol, config, client."""

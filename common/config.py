@@ -1,0 +1,78 @@
+"""Configuration shared by the broker and the worker: sizes, the model table, defaults."""
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_ENDPOINT = "ipc:///tmp/lmx.sock"
+DEFAULT_VRAM_TOTAL = 8 << 30           # the embedded default: a CPU worker with a declared 8 GiB
+DEFAULT_ADMISSION_PERCENT = 90
+DEFAULT_N_CTX = 2048
+MAX_N_CTX = 1 << 20
+MAX_N_PREDICT = 4096
+MAX_PROMPT_BYTES = 256 << 10
+DEFAULT_QUEUE_DEPTH = 256
+DEFAULT_HEARTBEAT_S = 1.0
+DEFAULT_LIVENESS = 3                  # missed heartbeats before a peer is declared dead
+AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
+          "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "t": 1000**4,
+          "tb": 1000**4, "tib": 1 << 40}
+
+
+def parse_size(text):
+    """'8GiB', '400 MiB', '1.5GB' or '123' -> bytes (int); ValueError on anything else."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (use e.g. 8GiB, 400MiB, 123456)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_size(n):
+    """Bytes -> a short human string (MiB/GiB), for logs and the probe."""
+    if n is None:
+        return "-"
+    if abs(n) >= 1 << 30:
+        return f"{n / (1 << 30):.2f} GiB"
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+@dataclass(frozen=True)
+class TableEntry:
+    """One operator-declared model: its key, resolved path and booked bytes per agent."""
+
+    key: str
+    path: str
+    bytes: int
+
+
+def load_model_table(path):
+    """Read 'key path bytes' lines; relative paths resolve against the table's folder."""
+    table = {}
+    base = Path(path).resolve().parent
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 3:
+            raise ValueError(f"{path}:{lineno}: expected 'key path bytes', got {line!r}")
+        key, model_path, size = parts
+        if key in table:
+            raise ValueError(f"{path}:{lineno}: duplicate key {key!r}")
+        try:
+            nbytes = parse_size(size)
+        except ValueError as exc:
+            raise ValueError(f"{path}:{lineno}: {exc}") from None
+        resolved = str((base / os.path.expanduser(model_path)).resolve())
+        table[key] = TableEntry(key, resolved, nbytes)
+    return table
+
+
+def default_threads():
+    """Threads for llama.cpp: the cores this process may really use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)

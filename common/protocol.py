@@ -1,0 +1,206 @@
+"""The lmx wire protocol: the only module that builds or parses frames.
+
+Sockets and frames::
+
+    agent DEALER  ---- [body] ---->  ROUTER broker (client endpoint)
+                  <--- [body] -----   (the ROUTER adds/strips the identity frame)
+    worker DEALER ---- [body] ---->  ROUTER broker (worker endpoint)
+
+Every message is exactly one frame, ``body``, a msgpack map::
+
+    request   {"v": [1, 0], "id": 7, "verb": "DECODE", "agent": "smol", ...}
+    ok reply  {"v": [1, 0], "id": 7, "status": "ok", ...fields}
+    error     {"v": [1, 0], "id": 7, "status": "error", "code": "VRAM_LEDGER_DENY",
+               "reason": "CAP", "message": "...", ...numbers}
+
+``v`` is the protocol version (not the package version); a different major version gets a
+``BAD_VERSION`` error. ``id`` (int or short string) is chosen by the sender and echoed in the
+reply. Unknown extra fields are ignored, so minor versions can add fields.
+
+Broker and worker speak the same shape: the broker sends jobs as requests (verbs REGISTER,
+UNREGISTER, DECODE, HEARTBEAT, SHUTDOWN); the worker sends READY, HEARTBEAT and RESULT, where a
+RESULT carries the job id and the reply fields (``status`` and the rest).
+"""
+import msgpack
+
+from lmx.common.errors import Code, LmxError, Reason
+
+PROTOCOL_VERSION = (1, 0)
+DEFAULT_MAX_FRAME_BYTES = 1 << 20
+MAX_ID_LEN = 64
+
+
+class Field:
+    """One field of a request: accepted types and whether it must be present."""
+
+    def __init__(self, types, required=True):
+        self.types = types if isinstance(types, tuple) else (types,)
+        self.required = required
+
+
+# What agents may send. Ranges (n_predict, n_ctx, id charset) are checked by the broker,
+# which knows the configured limits.
+CLIENT_VERBS = {
+    "HELP": {},
+    "STATUS": {},
+    "LIST": {},
+    "REGISTER": {"agent": Field(str), "model": Field(str), "n_ctx": Field(int, False)},
+    "UNREGISTER": {"agent": Field(str)},
+    "DECODE": {"agent": Field(str), "prompt": Field(str), "n_predict": Field(int)},
+}
+
+# Broker -> worker jobs.
+WORKER_JOBS = {
+    "REGISTER": {"agent": Field(str), "path": Field(str), "n_ctx": Field(int)},
+    "UNREGISTER": {"agent": Field(str)},
+    "DECODE": {"agent": Field(str), "prompt": Field(str), "n_predict": Field(int)},
+    "HEARTBEAT": {},
+    "SHUTDOWN": {},
+}
+
+# Worker -> broker messages.
+WORKER_EVENTS = {
+    "READY": {"pid": Field(int), "device": Field(dict)},
+    "HEARTBEAT": {"device": Field(dict, False)},
+    "RESULT": {"status": Field(str)},
+}
+
+VERB_HELP = {
+    "HELP": "list the verbs and their fields",
+    "STATUS": "ledger, device totals, worker pid/state, agents and models",
+    "LIST": "registered agents with their model, bytes and state",
+    "REGISTER": "agent, model (table key or GGUF path), n_ctx?: admit and build an agent",
+    "UNREGISTER": "agent: release the agent's bytes, slot and model reference",
+    "DECODE": "agent, prompt, n_predict: greedy-decode continuing the agent's conversation",
+}
+
+
+class Message:
+    """A decoded request or event: its verb, id and remaining fields."""
+
+    __slots__ = ("verb", "id", "fields")
+
+    def __init__(self, verb, msg_id, fields):
+        self.verb = verb
+        self.id = msg_id
+        self.fields = fields
+
+    def __repr__(self):
+        return f"Message({self.verb!r}, id={self.id!r}, fields={sorted(self.fields)})"
+
+
+def _pack(body):
+    return [msgpack.packb(body, use_bin_type=True)]
+
+
+def encode_request(verb, msg_id, **fields):
+    """Frames for a request (or a worker event) with this verb and id."""
+    return _pack(dict(fields, v=list(PROTOCOL_VERSION), id=msg_id, verb=verb))
+
+
+def encode_reply(msg_id, **fields):
+    """Frames for an ok reply; fields may override status (e.g. a forwarded error)."""
+    body = {"status": "ok"}
+    body.update(fields)
+    body.update(v=list(PROTOCOL_VERSION), id=msg_id)
+    return _pack(body)
+
+
+def encode_error(msg_id, err):
+    """Frames for an error reply built from an LmxError."""
+    return encode_reply(msg_id, **err.fields())
+
+
+def _unpack(frames, max_bytes):
+    """One body frame -> dict, or LmxError(BAD_FRAME/FRAME_TOO_LARGE)."""
+    if len(frames) != 1:
+        raise LmxError(Code.BAD_FRAME, f"expected 1 body frame, got {len(frames)}")
+    raw = frames[0]
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise LmxError(Code.FRAME_TOO_LARGE, f"frame of {len(raw)} bytes exceeds {max_bytes}",
+                       frame_bytes=len(raw), max_frame_bytes=max_bytes)
+    try:
+        body = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise LmxError(Code.BAD_FRAME, f"body is not valid msgpack: {exc}") from None
+    if not isinstance(body, dict):
+        raise LmxError(Code.BAD_FRAME, f"body must be a msgpack map, got {type(body).__name__}")
+    return body
+
+
+def _check_id(body):
+    msg_id = body.get("id")
+    ok = isinstance(msg_id, int) and not isinstance(msg_id, bool) or (
+        isinstance(msg_id, str) and 0 < len(msg_id) <= MAX_ID_LEN)
+    if not ok:
+        raise LmxError(Code.BAD_REQUEST, "field 'id' must be an int or a string of 1-64 chars",
+                       Reason.MISSING_FIELD if msg_id is None else Reason.BAD_TYPE)
+    return msg_id
+
+
+def _check_version(body):
+    v = body.get("v")
+    if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) for x in v)):
+        raise LmxError(Code.BAD_VERSION, "field 'v' must be [major, minor]",
+                       expected=list(PROTOCOL_VERSION))
+    if v[0] != PROTOCOL_VERSION[0]:
+        raise LmxError(Code.BAD_VERSION, f"protocol {v[0]}.{v[1]} not supported",
+                       expected=list(PROTOCOL_VERSION), got=list(v))
+
+
+def _check_fields(verb, body, schema):
+    fields = {}
+    for name, spec in schema.items():
+        if name not in body or body[name] is None:
+            if spec.required:
+                raise LmxError(Code.BAD_REQUEST, f"{verb} needs field '{name}'",
+                               Reason.MISSING_FIELD, field=name)
+            continue
+        value = body[name]
+        if isinstance(value, bool) or not isinstance(value, spec.types):
+            want = "/".join(t.__name__ for t in spec.types)
+            raise LmxError(Code.BAD_REQUEST, f"field '{name}' must be {want}",
+                           Reason.BAD_TYPE, field=name)
+        fields[name] = value
+    return fields
+
+
+def decode_message(frames, verbs, max_bytes=DEFAULT_MAX_FRAME_BYTES):
+    """Parse and validate one message against a verb table; raise LmxError with .msg_id set."""
+    msg_id = None
+    try:
+        body = _unpack(frames, max_bytes)
+        msg_id = body.get("id") if isinstance(body.get("id"), (int, str)) else None
+        _check_version(body)
+        msg_id = _check_id(body)
+        verb = body.get("verb")
+        if not isinstance(verb, str) or verb.upper() not in verbs:
+            raise LmxError(Code.UNKNOWN_VERB, f"unknown verb {verb!r}",
+                           known=sorted(verbs))
+        verb = verb.upper()
+        return Message(verb, msg_id, _check_fields(verb, body, verbs[verb]) if verb != "RESULT"
+                       else _result_fields(body))
+    except LmxError as err:
+        err.msg_id = msg_id
+        raise
+
+
+def _result_fields(body):
+    """A RESULT keeps every field but the envelope ones."""
+    _check_fields("RESULT", body, WORKER_EVENTS["RESULT"])
+    return {k: v for k, v in body.items() if k not in ("v", "id", "verb")}
+
+
+def decode_reply(frames, max_bytes=None):
+    """Parse a reply body into a dict (used by clients; no verb table)."""
+    body = _unpack(frames, max_bytes)
+    _check_version(body)
+    return body
+
+
+def help_text():
+    """The HELP reply's verbs table."""
+    return {verb: {"fields": {k: {"type": "/".join(t.__name__ for t in f.types),
+                                  "required": f.required} for k, f in schema.items()},
+                   "summary": VERB_HELP[verb]}
+            for verb, schema in CLIENT_VERBS.items()}

@@ -1,0 +1,108 @@
+"""The device the worker runs on: NVML readings on a GPU, a declared size on CPU,
+and host buffers for parked KV state (pinned with cudaHostAlloc when CUDA is there)."""
+import ctypes
+import logging
+import os
+
+log = logging.getLogger("lmx.worker")
+
+
+class DeclaredDevice:
+    """A CPU worker: llama.cpp runs on the host against a declared device size."""
+
+    kind = "cpu"
+    source = "declared"
+
+    def __init__(self, total_bytes):
+        self.total = int(total_bytes)
+
+    def read(self):
+        """Totals as STATUS shows them; a declared device has no 'used' reading."""
+        return {"kind": self.kind, "source": self.source, "name": "cpu (declared size)",
+                "total_bytes": self.total, "used_bytes": None, "free_bytes": None,
+                "process_bytes": None}
+
+
+class NvmlDevice:
+    """A CUDA GPU read through NVML (pynvml from nvidia-ml-py)."""
+
+    kind = "cuda"
+    source = "nvml"
+
+    def __init__(self, index, declared_total=None):
+        import pynvml
+        self._nvml = pynvml
+        pynvml.nvmlInit()
+        self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        self.index = index
+        name = pynvml.nvmlDeviceGetName(self.handle)
+        self.name = name.decode() if isinstance(name, bytes) else name
+        nvml_total = pynvml.nvmlDeviceGetMemoryInfo(self.handle).total
+        # A declared size below the card's emulates a smaller card (benchmarks, tests).
+        self.total = min(nvml_total, declared_total) if declared_total else nvml_total
+
+    def _process_bytes(self):
+        try:
+            procs = self._nvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
+        except self._nvml.NVMLError:
+            return None
+        return sum(p.usedGpuMemory or 0 for p in procs if p.pid == os.getpid())
+
+    def read(self):
+        """NVML total/used/free now, plus this process's own usage."""
+        info = self._nvml.nvmlDeviceGetMemoryInfo(self.handle)
+        return {"kind": self.kind, "source": self.source, "name": self.name,
+                "index": self.index, "total_bytes": self.total,
+                "nvml_total_bytes": info.total, "used_bytes": info.used,
+                "free_bytes": info.free, "process_bytes": self._process_bytes()}
+
+
+def open_device(gpu_offload, gpu_index=0, declared_total=None, default_total=8 << 30):
+    """NVML device when llama.cpp can offload and NVML sees a GPU, else a declared CPU device."""
+    if gpu_offload:
+        try:
+            return NvmlDevice(gpu_index, declared_total)
+        except Exception as exc:  # no driver, no device: run on CPU instead
+            log.warning("worker: llama.cpp has GPU offload but NVML failed (%s); using CPU", exc)
+    return DeclaredDevice(declared_total or default_total)
+
+
+class HostBuffer:
+    """A host buffer for parked state: pinned (cudaHostAlloc) when possible, else pageable."""
+
+    _cudart = None
+    _cudart_tried = False
+
+    def __init__(self, nbytes, pinned):
+        self.nbytes = nbytes
+        self.pinned = False
+        self._ptr = None
+        if pinned and self._load_cudart() is not None:
+            ptr = ctypes.c_void_p()
+            if self._cudart.cudaHostAlloc(ctypes.byref(ptr), ctypes.c_size_t(nbytes), 0) == 0:
+                self._ptr, self.pinned = ptr, True
+        if self._ptr is None:
+            self._array = (ctypes.c_uint8 * nbytes)()
+            self._ptr = ctypes.cast(self._array, ctypes.c_void_p)
+        self.data = ctypes.cast(self._ptr, ctypes.POINTER(ctypes.c_uint8))
+
+    @classmethod
+    def _load_cudart(cls):
+        if not cls._cudart_tried:
+            cls._cudart_tried = True
+            for name in ("libcudart.so", "libcudart.so.13", "libcudart.so.12"):
+                try:
+                    cls._cudart = ctypes.CDLL(name)
+                    break
+                except OSError:
+                    continue
+            if cls._cudart is None:
+                log.warning("worker: libcudart not found; parked state uses pageable memory")
+        return cls._cudart
+
+    def free(self):
+        """Return the memory (cudaFreeHost for pinned buffers)."""
+        if self.pinned and self._ptr is not None:
+            self._cudart.cudaFreeHost(self._ptr)
+        self._ptr = self.data = None
+        self._array = None

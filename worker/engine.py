@@ -1,0 +1,291 @@
+"""llama.cpp in one process: models shared by refcount, one slot per agent, one live context.
+
+An agent switch parks the live context's state in host memory with the low-level
+``llama_state_get_data`` (pinned memory on CUDA), frees that context, and builds (or restores
+with ``llama_state_set_data``) the next agent's context. Decode is greedy and driven here, token
+by token, with ``llama_decode``; the high-level ``Llama`` class is not used (its save_state copies
+the whole logits history).
+"""
+import llama_cpp  # noqa: I001  -- must precede numpy: the CUDA load segfaulted otherwise
+
+import ctypes
+import logging
+import time
+
+import numpy as np
+
+from lmx.common.errors import Code, LmxError, Reason
+from lmx.worker.device import HostBuffer
+from lmx.worker.llamalog import LlamaLog
+
+log = logging.getLogger("lmx.worker")
+N_BATCH = 512
+
+
+class Model:
+    """One loaded GGUF, shared by every agent on it."""
+
+    def __init__(self, path, ptr, load_ms, buffers):
+        self.path = path
+        self.ptr = ptr
+        self.vocab = llama_cpp.llama_model_get_vocab(ptr)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.refs = 0
+        self.load_ms = load_ms
+        self.buffers = buffers
+
+    def tokenize(self, text, add_bos):
+        """Text -> token ids (special tokens in the text are not parsed)."""
+        raw = text.encode("utf-8")
+        cap = len(raw) + 8
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_bos, False)
+        if n < 0:
+            cap = -n
+            buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_bos, False)
+        return list(buf[:n])
+
+    def piece(self, token):
+        """One token's bytes."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+        return buf.raw[:n]
+
+
+class Slot:
+    """One agent: its model, its context size, its conversation and its parked state."""
+
+    def __init__(self, agent, model, n_ctx):
+        self.agent = agent
+        self.model = model
+        self.n_ctx = n_ctx
+        self.n_past = 0          # tokens already in the KV cache
+        self.pending = []        # sampled but not yet evaluated (the last token of a reply)
+        self.parked = None       # HostBuffer with llama_state_get_data output
+        self.parked_bytes = 0
+        self.decodes = 0
+        self.generated = 0
+
+
+class Engine:
+    """Models, slots and the one live context of this worker."""
+
+    def __init__(self, n_threads, gpu, pinned):
+        self.n_threads = n_threads
+        self.gpu = gpu
+        self.pinned = pinned
+        self.models = {}
+        self.slots = {}
+        self.live = None          # the Slot whose context is live
+        self.ctx = None
+        self.llama_log = LlamaLog()
+        llama_cpp.llama_backend_init()
+
+    # -- models -------------------------------------------------------------------------
+
+    def _acquire(self, path):
+        model = self.models.get(path)
+        if model is None:
+            params = llama_cpp.llama_model_default_params()
+            params.n_gpu_layers = -1 if self.gpu else 0
+            self.llama_log.reset()
+            t0 = time.perf_counter()
+            ptr = llama_cpp.llama_model_load_from_file(path.encode(), params)
+            if not ptr:
+                why = self.llama_log.last_error() or "llama.cpp returned no model"
+                raise LmxError(Code.MODEL_ERROR, f"llama.cpp could not load {path}: {why}",
+                               Reason.LOAD_FAILED, path=path)
+            model = Model(path, ptr, (time.perf_counter() - t0) * 1000,
+                          self.llama_log.buffers())
+            self.models[path] = model
+            log.info("worker: loaded %s in %.0f ms", path, model.load_ms)
+        model.refs += 1
+        return model
+
+    def _release(self, model):
+        model.refs -= 1
+        if model.refs == 0:
+            llama_cpp.llama_model_free(model.ptr)
+            del self.models[model.path]
+            log.info("worker: freed %s", model.path)
+            return True
+        return False
+
+    # -- agents -------------------------------------------------------------------------
+
+    def register(self, agent, path, n_ctx):
+        """Acquire the model (refcounted) and create the agent's slot."""
+        if agent in self.slots:
+            raise LmxError(Code.AGENT_EXISTS, f"agent {agent!r} already has a slot")
+        fresh = path not in self.models
+        model = self._acquire(path)
+        self.slots[agent] = Slot(agent, model, n_ctx)
+        return {"model_loaded": fresh, "model_refs": model.refs,
+                "load_ms": round(model.load_ms, 1) if fresh else 0.0,
+                "buffers": model.buffers, "n_vocab": model.n_vocab}
+
+    def unregister(self, agent):
+        """Free the agent's context or parked state, its slot, and its model reference."""
+        slot = self._slot(agent)
+        if self.live is slot:
+            self._free_ctx()
+        self._drop_parked(slot)
+        del self.slots[agent]
+        return {"model_freed": self._release(slot.model)}
+
+    def _slot(self, agent):
+        slot = self.slots.get(agent)
+        if slot is None:
+            raise LmxError(Code.UNKNOWN_AGENT, f"no agent {agent!r} on this worker")
+        return slot
+
+    # -- contexts -----------------------------------------------------------------------
+
+    def _ctx_params(self, n_ctx):
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx = n_ctx
+        p.n_batch = p.n_ubatch = min(N_BATCH, n_ctx)
+        p.n_seq_max = 1
+        p.n_outputs_max = 1        # only the last token's logits are read: 4 x vocab, not 512x
+        p.swa_full = False         # sliding-window layers keep only their window
+        p.n_threads = p.n_threads_batch = self.n_threads
+        p.no_perf = True
+        return p
+
+    def _new_ctx(self, slot):
+        self.llama_log.reset()
+        ctx = llama_cpp.llama_init_from_model(slot.model.ptr, self._ctx_params(slot.n_ctx))
+        if not ctx:
+            why = self.llama_log.last_error() or "llama_init_from_model returned NULL"
+            raise LmxError(Code.MODEL_ERROR, f"cannot create a {slot.n_ctx}-token context for "
+                           f"{slot.agent!r}: {why}", Reason.CONTEXT_FAILED)
+        self.ctx, self.live = ctx, slot
+        slot.ctx_buffers = self.llama_log.buffers()
+
+    def _free_ctx(self):
+        if self.ctx is not None:
+            llama_cpp.llama_free(self.ctx)
+        self.ctx = self.live = None
+
+    def _park_live(self):
+        """Save the live context's state to host memory and free the context."""
+        slot = self.live
+        if slot.n_past:
+            size = llama_cpp.llama_state_get_size(self.ctx)
+            buf = HostBuffer(size, self.pinned)
+            written = llama_cpp.llama_state_get_data(self.ctx, buf.data, size)
+            slot.parked, slot.parked_bytes = buf, written
+        self._free_ctx()
+        return slot.agent
+
+    def _drop_parked(self, slot):
+        if slot.parked is not None:
+            slot.parked.free()
+        slot.parked, slot.parked_bytes = None, 0
+
+    def _activate(self, slot):
+        """Make slot's context live; return (evicted agent or None, restored?)."""
+        if self.live is slot:
+            return None, False
+        evicted = self._park_live() if self.live is not None else None
+        self._new_ctx(slot)
+        if slot.parked is None:
+            return evicted, False
+        read = llama_cpp.llama_state_set_data(self.ctx, slot.parked.data, slot.parked_bytes)
+        self._drop_parked(slot)
+        if read == 0:
+            slot.n_past, slot.pending = 0, []
+            raise LmxError(Code.INTERNAL, f"restoring {slot.agent!r} failed; its context was "
+                           "reset")
+        return evicted, True
+
+    # -- decode -------------------------------------------------------------------------
+
+    def _eval(self, tokens):
+        for i in range(0, len(tokens), N_BATCH):
+            chunk = tokens[i:i + N_BATCH]
+            arr = (llama_cpp.llama_token * len(chunk))(*chunk)
+            rc = llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(arr, len(chunk)))
+            if rc != 0:
+                raise LmxError(Code.INTERNAL, f"llama_decode failed with {rc}")
+            self.live.n_past += len(chunk)
+
+    def _argmax(self, n_vocab):
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(n_vocab,))))
+
+    def decode(self, agent, prompt, n_predict):
+        """Greedy-decode up to n_predict tokens after prompt, continuing the conversation."""
+        t0 = time.perf_counter()
+        slot = self._slot(agent)
+        model = slot.model
+        prompt_tokens = model.tokenize(prompt, add_bos=model.add_bos and slot.n_past == 0
+                                       and not slot.pending)
+        if not prompt_tokens:
+            raise LmxError(Code.BAD_REQUEST, "prompt has no tokens", Reason.BAD_VALUE)
+        feed = slot.pending + prompt_tokens
+        need = slot.n_past + len(feed) + n_predict
+        if need > slot.n_ctx:
+            raise LmxError(Code.CONTEXT_FULL, f"{slot.n_past} tokens in context + "
+                           f"{len(feed)} new + n_predict {n_predict} > n_ctx {slot.n_ctx}",
+                           n_past=slot.n_past, n_ctx=slot.n_ctx, needed=need)
+        evicted, restored = self._activate(slot)
+        t_swap = time.perf_counter()
+        slot.pending = []
+        self._eval(feed)
+        t_prompt = time.perf_counter()
+        out, eos = self._generate(slot, n_predict)
+        t_end = time.perf_counter()
+        slot.decodes += 1
+        slot.generated += len(out)
+        text = b"".join(model.piece(t) for t in out)
+        return {"prompt_tokens": len(prompt_tokens), "generated_tokens": len(out),
+                "stopped_on_eos": eos, "elapsed_ms": round((t_end - t0) * 1000, 2),
+                "swap_ms": round((t_swap - t0) * 1000, 2),
+                "prompt_ms": round((t_prompt - t_swap) * 1000, 2),
+                "gen_ms": round((t_end - t_prompt) * 1000, 2),
+                "kv_swap_evicted": evicted, "kv_swap_restored": restored,
+                "n_past": slot.n_past + len(slot.pending),
+                "text": text.decode("utf-8", "replace"), "tokens": out}
+
+    def _generate(self, slot, n_predict):
+        """Sample greedily; the last sampled token stays pending until the next turn."""
+        vocab, n_vocab = slot.model.vocab, slot.model.n_vocab
+        out = []
+        while True:
+            tok = self._argmax(n_vocab)
+            slot.pending = [tok]
+            if llama_cpp.llama_vocab_is_eog(vocab, tok):
+                return out, True       # the end-of-turn token is not part of the reply
+            out.append(tok)
+            if len(out) >= n_predict:
+                return out, False
+            slot.pending = []
+            self._eval([tok])
+
+    # -- reporting ----------------------------------------------------------------------
+
+    def summary(self):
+        """What STATUS shows of this worker: models with refs, agents, the live one."""
+        return {"live_agent": self.live.agent if self.live else None,
+                "models": {p: {"refs": m.refs, "buffers": m.buffers}
+                           for p, m in self.models.items()},
+                "slots": {a: {"model": s.model.path, "n_ctx": s.n_ctx, "n_past": s.n_past,
+                              "parked_bytes": s.parked_bytes, "live": s is self.live,
+                              "decodes": s.decodes, "generated": s.generated}
+                          for a, s in self.slots.items()}}
+
+    def close(self):
+        """Free every context, parked buffer and model."""
+        self._free_ctx()
+        for slot in list(self.slots.values()):
+            self._drop_parked(slot)
+        for model in list(self.models.values()):
+            llama_cpp.llama_model_free(model.ptr)
+        self.slots.clear()
+        self.models.clear()

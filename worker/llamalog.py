@@ -1,0 +1,56 @@
+"""Capture llama.cpp's log: route it to `logging` and keep the buffer-size lines and errors."""
+import ctypes
+import logging
+import re
+
+import llama_cpp
+
+log = logging.getLogger("lmx.llama")
+# e.g. "load_tensors:   CPU_Mapped model buffer size =    93.80 MiB"
+_BUFFER_RE = re.compile(r"(\S+)\s+(model|KV|compute|output|RS) buffer size =\s*([0-9.]+) MiB")
+_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_ERROR, _CONT = 4, 5  # GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT
+
+
+class LlamaLog:
+    """Installs itself as llama.cpp's log callback; keeps a reference so it is not collected."""
+
+    def __init__(self):
+        self._partial = ""
+        self._level = 2
+        self._lines = []
+        self._callback = llama_cpp.llama_log_callback(self._on_log)
+        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
+
+    def _on_log(self, level, text, _user):
+        if level != _CONT:
+            self._level = level
+        chunk = text.decode("utf-8", "replace") if text else ""
+        self._partial += chunk
+        while "\n" in self._partial:
+            line, self._partial = self._partial.split("\n", 1)
+            self._lines.append((self._level, line))
+            # llama.cpp's INFO is chatty (every buffer, every tensor): keep it at DEBUG here.
+            log.log(_LEVELS.get(self._level, logging.DEBUG) if self._level >= 3
+                    else logging.DEBUG, "%s", line)
+
+    def reset(self):
+        """Forget lines seen so far (call before a load or context creation)."""
+        self._lines.clear()
+
+    def buffers(self):
+        """Buffer sizes reported since reset(): {'CPU_Mapped model': bytes, ...}."""
+        out = {}
+        for _level, line in self._lines:
+            m = _BUFFER_RE.search(line)
+            if m:
+                key = f"{m.group(1)} {m.group(2)}"
+                out[key] = out.get(key, 0) + int(float(m.group(3)) * (1 << 20))
+        return out
+
+    def last_error(self):
+        """The last error-level line since reset(), or ''."""
+        for level, line in reversed(self._lines):
+            if level == _ERROR or "error" in line.lower() or "failed" in line.lower():
+                return line.strip()
+        return ""

@@ -1,0 +1,167 @@
+"""`lmx-worker`: connect to a broker's worker endpoint and run llama.cpp jobs.
+
+Threads: the main thread owns the DEALER to the broker (heartbeats, forwarding); the compute
+thread owns the llama.cpp engine and an inproc PAIR on which it returns results. Sockets never
+cross threads.
+"""
+import llama_cpp  # noqa: F401,I001  -- before numpy, see engine.py
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+
+import click
+import zmq
+
+from lmx.common import protocol
+from lmx.common.config import (DEFAULT_HEARTBEAT_S, DEFAULT_LIVENESS, DEFAULT_VRAM_TOTAL,
+                               default_threads, parse_size)
+from lmx.common.errors import Code, LmxError
+from lmx.common.sockets import make_socket
+from lmx.worker.device import open_device
+from lmx.worker.engine import Engine
+
+log = logging.getLogger("lmx.worker")
+RESULTS = "inproc://lmx-worker-results"
+
+
+def run_job(engine, msg):
+    """Run one broker job on the engine; return the RESULT fields."""
+    f = msg.fields
+    try:
+        if msg.verb == "REGISTER":
+            out = engine.register(f["agent"], f["path"], f["n_ctx"])
+        elif msg.verb == "UNREGISTER":
+            out = engine.unregister(f["agent"])
+        elif msg.verb == "DECODE":
+            out = engine.decode(f["agent"], f["prompt"], f["n_predict"])
+        else:
+            raise LmxError(Code.UNKNOWN_VERB, f"worker cannot run {msg.verb}")
+        out["status"] = "ok"
+    except LmxError as err:
+        out = err.fields()
+    except Exception as exc:  # a bug must not kill the worker: report it
+        log.exception("worker: %s job failed", msg.verb)
+        out = LmxError(Code.INTERNAL, f"worker error in {msg.verb}: {exc}").fields()
+    out["engine"] = engine.summary()
+    return out
+
+
+def compute_loop(ctx, jobs, engine):
+    """Compute thread: run jobs on the engine until a None arrives."""
+    sock = make_socket(ctx, zmq.PAIR, RESULTS)
+    try:
+        while True:
+            msg = jobs.get()
+            if msg is None:
+                break
+            sock.send_multipart(protocol.encode_request("RESULT", msg.id, **run_job(engine, msg)))
+    finally:
+        engine.close()
+        sock.close()
+
+
+class Worker:
+    """The IO side: register with the broker, forward jobs and results, heartbeat."""
+
+    def __init__(self, broker, device, engine, heartbeat_s, liveness):
+        self.ctx = zmq.Context()
+        self.results = make_socket(self.ctx, zmq.PAIR, RESULTS, bind=True)
+        self.sock = make_socket(self.ctx, zmq.DEALER, broker)
+        self.device = device
+        self.heartbeat_s = heartbeat_s
+        self.liveness = liveness
+        self.jobs = queue.Queue()
+        self.stop = False
+        self.thread = threading.Thread(target=compute_loop, name="lmx-compute",
+                                       args=(self.ctx, self.jobs, engine), daemon=True)
+
+    def send(self, verb, msg_id=0, **fields):
+        """Every frame to the broker goes through here."""
+        self.sock.send_multipart(protocol.encode_request(verb, msg_id, **fields))
+
+    def run(self):
+        """Main loop: until SHUTDOWN, a signal, or the broker falls silent."""
+        self.thread.start()
+        self.send("READY", pid=os.getpid(), device=self.device.read())
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.results, zmq.POLLIN)
+        last_heard = next_beat = time.monotonic()
+        while not self.stop:
+            events = dict(poller.poll(int(self.heartbeat_s * 1000)))
+            now = time.monotonic()
+            if self.results in events:
+                self.sock.send_multipart(self.results.recv_multipart())
+            if self.sock in events:
+                last_heard = now
+                self._on_broker(self.sock.recv_multipart())
+            if now - last_heard > self.heartbeat_s * self.liveness:
+                log.error("worker: broker silent for %.1f s; exiting", now - last_heard)
+                break
+            if now >= next_beat:
+                self.send("HEARTBEAT", device=self.device.read())
+                next_beat = now + self.heartbeat_s
+        self.close()
+
+    def _on_broker(self, frames):
+        try:
+            msg = protocol.decode_message(frames, protocol.WORKER_JOBS, max_bytes=None)
+        except LmxError as err:
+            log.error("worker: bad frame from broker: %s", err)
+            return
+        if msg.verb == "SHUTDOWN":
+            self.stop = True
+        elif msg.verb != "HEARTBEAT":
+            self.jobs.put(msg)
+
+    def close(self):
+        """Stop the compute thread (it frees llama.cpp state) and close sockets."""
+        self.jobs.put(None)
+        self.thread.join(timeout=30)
+        self.sock.close()
+        self.results.close()
+        self.ctx.term()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--broker", required=True, help="The broker's worker endpoint, e.g. "
+              "ipc:///tmp/lmx.sock.worker (lmx-broker prints it).")
+@click.option("--vram-total", default=None, help="Declared device size (e.g. 8GiB). On CPU it "
+              "is the size admission uses (default 8GiB); on a GPU it caps NVML's total.")
+@click.option("--gpu-index", default=0, show_default=True, help="NVML index of the GPU.")
+@click.option("--cpu", "force_cpu", is_flag=True, help="Run llama.cpp on the CPU even if a "
+              "GPU is present.")
+@click.option("--threads", default=None, type=int, help="llama.cpp threads [default: the "
+              "cores this process may use].")
+@click.option("--heartbeat", default=DEFAULT_HEARTBEAT_S, show_default=True,
+              help="Heartbeat interval in seconds.")
+@click.option("--liveness", default=DEFAULT_LIVENESS, show_default=True,
+              help="Silent intervals before the broker is declared gone.")
+@click.option("--log-level", default="INFO", show_default=True)
+def main(broker, vram_total, gpu_index, force_cpu, threads, heartbeat, liveness, log_level):
+    """Run one lmx worker: the llama.cpp backend for one GPU (or the CPU)."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    try:
+        declared = parse_size(vram_total) if vram_total else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--vram-total")
+    gpu = llama_cpp.llama_supports_gpu_offload() and not force_cpu
+    device = open_device(gpu, gpu_index, declared, DEFAULT_VRAM_TOTAL)
+    n_threads = threads or default_threads()
+
+    engine = Engine(n_threads, gpu=device.kind == "cuda", pinned=device.kind == "cuda")
+    worker = Worker(broker, device, engine, heartbeat, liveness)
+    # Signal handlers do no work: they ask the loop to stop.
+    signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "stop", True))
+    signal.signal(signal.SIGINT, lambda *_: setattr(worker, "stop", True))
+    log.info("worker: pid=%d device=%s threads=%d broker=%s", os.getpid(),
+             device.read()["name"], n_threads, broker)
+    worker.run()
+
+
+if __name__ == "__main__":
+    main()
