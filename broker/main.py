@@ -1,0 +1,106 @@
+"""`lmx-broker`: serve agents on a ZeroMQ ROUTER with VRAM admission control."""
+import logging
+import os
+import signal
+import sys
+import tempfile
+
+import click
+
+from lmx.broker.server import Broker, BrokerConfig
+from lmx.common import config as cfg
+
+log = logging.getLogger("lmx.broker")
+
+
+def _size(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return cfg.parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _private_worker_endpoint():
+    """An ipc endpoint in a fresh 0700 directory, for the broker's own worker."""
+    folder = tempfile.mkdtemp(prefix="lmx-broker-")
+    os.chmod(folder, 0o700)
+    return f"ipc://{folder}/worker.sock"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--endpoint", default=cfg.DEFAULT_ENDPOINT, show_default=True,
+              help="Where agents connect (ipc:// or tcp://).")
+@click.option("--worker-endpoint", default=None, help="Where the worker connects [default: "
+              "a private ipc socket in a fresh temp dir].")
+@click.option("--vram-table", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Operator table: 'key path bytes' per line; keys can be REGISTERed by name "
+              "and their bytes are booked per agent.")
+@click.option("--vram-total", callback=_size, default=None, help="Declared device size, e.g. "
+              "8GiB. CPU worker: the size admission uses [default 8GiB]. GPU: caps NVML's "
+              "total (emulate a smaller card).")
+@click.option("--admission-percent", default=cfg.DEFAULT_ADMISSION_PERCENT, show_default=True,
+              type=click.IntRange(1, 100), help="Cap = this percent of the device total.")
+@click.option("--spawn-worker/--no-spawn-worker", default=True, show_default=True,
+              help="Start lmx-worker as a subprocess, or wait for one started by hand.")
+@click.option("--cpu", "worker_cpu", is_flag=True, help="Run the worker's llama.cpp on the CPU "
+              "even if a GPU is present.")
+@click.option("--threads", default=None, type=int, help="Worker llama.cpp threads [default: "
+              "the usable cores].")
+@click.option("--gpu-index", default=0, show_default=True, help="GPU the worker uses (NVML).")
+@click.option("--worker-overhead", callback=_size, default=None, help="Fixed per-worker device "
+              "bytes booked at start [default: 640MiB on CUDA, 0 on CPU].")
+@click.option("--worker-start-timeout", default=120.0, show_default=True,
+              help="Seconds to wait for the worker's READY.")
+@click.option("--heartbeat", default=cfg.DEFAULT_HEARTBEAT_S, show_default=True,
+              help="Heartbeat interval (s) between broker and worker.")
+@click.option("--liveness", default=cfg.DEFAULT_LIVENESS, show_default=True,
+              help="Missed heartbeats before the worker is declared lost.")
+@click.option("--queue-depth", default=cfg.DEFAULT_QUEUE_DEPTH, show_default=True,
+              help="Requests waiting for the worker before BUSY.")
+@click.option("--default-n-ctx", default=cfg.DEFAULT_N_CTX, show_default=True,
+              help="Context size for a REGISTER that names none.")
+@click.option("--max-frame-bytes", default=1 << 20, show_default=True,
+              help="Largest request body accepted (FRAME_TOO_LARGE past it).")
+@click.option("--max-n-predict", default=cfg.MAX_N_PREDICT, show_default=True)
+@click.option("--log-level", default="INFO", show_default=True)
+def main(endpoint, worker_endpoint, vram_table, vram_total, admission_percent, spawn_worker,
+         worker_cpu, threads, gpu_index, worker_overhead, worker_start_timeout, heartbeat,
+         liveness, queue_depth, default_n_ctx, max_frame_bytes, max_n_predict, log_level):
+    """Run the lmx broker (and, by default, its worker) until SIGINT/SIGTERM."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    try:
+        table = cfg.load_model_table(vram_table) if vram_table else {}
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--vram-table") from None
+    if not spawn_worker and not worker_endpoint:
+        raise click.UsageError("--no-spawn-worker needs --worker-endpoint for the worker")
+    args = ["--gpu-index", str(gpu_index)]
+    args += ["--vram-total", str(vram_total)] if vram_total else []
+    args += ["--threads", str(threads)] if threads else []
+    args += ["--cpu"] if worker_cpu else []
+    config = BrokerConfig(
+        endpoint=endpoint, worker_endpoint=worker_endpoint or _private_worker_endpoint(),
+        table=table, vram_total=vram_total, admission_percent=admission_percent,
+        spawn_worker=spawn_worker, worker_args=tuple(args),
+        worker_start_timeout=worker_start_timeout, worker_overhead=worker_overhead,
+        heartbeat_s=heartbeat, liveness=liveness, queue_depth=queue_depth,
+        max_frame_bytes=max_frame_bytes, default_n_ctx=default_n_ctx,
+        max_n_predict=max_n_predict)
+    broker = Broker(config)
+    # Signal handlers do no work: they ask the loop to stop.
+    signal.signal(signal.SIGTERM, lambda *_: setattr(broker, "stop", True))
+    signal.signal(signal.SIGINT, lambda *_: setattr(broker, "stop", True))
+    log.info("broker: worker endpoint %s", config.worker_endpoint)
+    try:
+        broker.start()
+    except RuntimeError as exc:
+        log.error("broker: %s", exc)
+        broker.close()
+        sys.exit(1)
+    broker.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,387 @@
+"""The broker: one loop over a client ROUTER and a worker ROUTER.
+
+REGISTER books before it builds: estimate -> ledger.try_reserve -> worker acquires the model
+and creates the slot -> commit. Any failure after the reservation releases it, so the ledger,
+the registry and the worker's refcounts end exactly as they were.
+"""
+import logging
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from lmx.broker.estimate import estimate
+from lmx.broker.ledger import Ledger
+from lmx.broker.workerlink import WorkerLink, is_alive
+from lmx.common import config as cfg
+from lmx.common import protocol
+from lmx.common.errors import Code, LmxError, Reason
+from lmx.common.sockets import make_socket
+
+log = logging.getLogger("lmx.broker")
+VERSION = "0.1.0"
+
+
+@dataclass
+class BrokerConfig:
+    """Everything the broker is started with (lmx-broker's options)."""
+
+    endpoint: str = cfg.DEFAULT_ENDPOINT
+    worker_endpoint: str = ""
+    table: dict = field(default_factory=dict)
+    vram_total: int = None             # declared size; None: NVML on a GPU, else 8 GiB
+    admission_percent: int = cfg.DEFAULT_ADMISSION_PERCENT
+    spawn_worker: bool = True
+    worker_args: tuple = ()
+    worker_start_timeout: float = 120.0
+    worker_overhead: int = None        # None: 640 MiB on CUDA, 0 on CPU
+    heartbeat_s: float = cfg.DEFAULT_HEARTBEAT_S
+    liveness: int = cfg.DEFAULT_LIVENESS
+    queue_depth: int = cfg.DEFAULT_QUEUE_DEPTH
+    max_frame_bytes: int = protocol.DEFAULT_MAX_FRAME_BYTES
+    default_n_ctx: int = cfg.DEFAULT_N_CTX
+    max_n_ctx: int = cfg.MAX_N_CTX
+    max_n_predict: int = cfg.MAX_N_PREDICT
+    max_prompt_bytes: int = cfg.MAX_PROMPT_BYTES
+
+
+@dataclass
+class Agent:
+    """One registered agent as the broker books it."""
+
+    agent: str
+    model: str
+    path: str
+    n_ctx: int
+    booked_bytes: int
+    source: str
+    state: str = "registering"          # registering -> ready -> leaving
+    registered_at: float = field(default_factory=time.time)
+    last_active: float = None
+    decodes: int = 0
+    generated_tokens: int = 0
+
+
+CUDA_OVERHEAD = 640 << 20  # CUDA context + cuBLAS workspace per process, measured on the H200
+
+
+class Broker:
+    """Admission accounting, the agent registry and the request queue."""
+
+    def __init__(self, config, ctx=None):
+        self.config = config
+        self.ctx = ctx or zmq.Context()
+        self.ledger = Ledger(None, config.admission_percent)
+        self.agents = {}
+        self.client = None
+        self.wsock = make_socket(self.ctx, zmq.ROUTER, config.worker_endpoint, bind=True)
+        self.worker = WorkerLink(self.wsock, config.heartbeat_s, config.liveness,
+                                 config.queue_depth)
+        self.started = time.time()
+        self.stop = False
+        self.counters = {"requests": 0, "errors": 0}
+        self.handlers = {"HELP": self.on_help, "STATUS": self.on_status, "LIST": self.on_list,
+                         "REGISTER": self.on_register, "UNREGISTER": self.on_unregister,
+                         "DECODE": self.on_decode}
+        self._backoff = 1.0
+        self._respawn_at = None
+
+    # -- start-up and the loop ----------------------------------------------------------
+
+    def start(self):
+        """Start (or wait for) the worker, learn the device size, then bind the client side."""
+        if self.config.spawn_worker:
+            self.worker.spawn(self.config.worker_endpoint, self.config.worker_args)
+        deadline = time.monotonic() + self.config.worker_start_timeout
+        while self.worker.state != "ready":
+            if self.worker.process_exited():
+                raise RuntimeError(f"worker exited with {self.worker.proc.returncode} "
+                                   "before it was ready")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no worker READY on {self.config.worker_endpoint} within "
+                                   f"{self.config.worker_start_timeout:g} s")
+            if self.wsock.poll(200):
+                self._on_worker(self.wsock.recv_multipart())
+        self._adopt_device()
+        self.client = make_socket(self.ctx, zmq.ROUTER, self.config.endpoint, bind=True)
+        log.info("broker: serving %s (cap %s of %s)", self.config.endpoint,
+                 cfg.format_size(self.ledger.max_bytes),
+                 cfg.format_size(self.ledger.total_bytes))
+
+    def _adopt_device(self):
+        """Set the ledger's total from the worker (NVML, or the declared size on CPU)."""
+        dev = self.worker.device
+        self.ledger.set_total(dev["total_bytes"])
+        overhead = self.config.worker_overhead
+        if overhead is None:
+            overhead = CUDA_OVERHEAD if dev.get("kind") == "cuda" else 0
+        if overhead:
+            self.ledger.force("worker:overhead", overhead)
+
+    def run(self):
+        """Serve until stop is set (by a signal handler or a test)."""
+        poller = zmq.Poller()
+        poller.register(self.client, zmq.POLLIN)
+        poller.register(self.wsock, zmq.POLLIN)
+        next_beat = time.monotonic()
+        while not self.stop:
+            events = dict(poller.poll(int(self.config.heartbeat_s * 1000 / 2)))
+            if self.wsock in events:
+                self._drain(self.wsock, self._on_worker)
+            if self.client in events:
+                self._drain(self.client, self._on_client)
+            now = time.monotonic()
+            if now >= next_beat:
+                self.worker.heartbeat()
+                next_beat = now + self.config.heartbeat_s
+            self._check_worker(now)
+        self.close()
+
+    @staticmethod
+    def _drain(sock, handler, limit=256):
+        for _ in range(limit):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handler(frames)
+
+    def close(self):
+        """Stop the worker and close the sockets."""
+        self.worker.stop()
+        if self.client is not None:
+            self.client.close()
+        self.wsock.close()
+
+    # -- clients ------------------------------------------------------------------------
+
+    def _send(self, identity, msg_id, fields):
+        """Every reply to a client goes through here."""
+        if fields.get("status", "ok") != "ok":
+            self.counters["errors"] += 1
+        self.client.send_multipart([identity, *protocol.encode_reply(msg_id, **fields)])
+
+    def _on_client(self, frames):
+        identity, body = frames[0], frames[1:]
+        self.counters["requests"] += 1
+        try:
+            msg = protocol.decode_message(body, protocol.CLIENT_VERBS,
+                                          self.config.max_frame_bytes)
+        except LmxError as err:
+            log.warning("protocol: %s", err)
+            self._send(identity, err.msg_id, err.fields())
+            return
+        try:
+            reply = self.handlers[msg.verb](identity, msg)
+        except LmxError as err:
+            reply = err.fields()
+        except Exception as exc:  # a handler bug must never kill the loop
+            log.exception("broker: %s handler failed", msg.verb)
+            reply = LmxError(Code.INTERNAL, f"{msg.verb} failed: {exc}").fields()
+        if reply is not None:
+            self._send(identity, msg.id, reply)
+
+    def on_help(self, _identity, _msg):
+        """HELP: the verbs and their fields."""
+        return {"protocol": list(protocol.PROTOCOL_VERSION), "verbs": protocol.help_text()}
+
+    def on_register(self, identity, msg):
+        """REGISTER: estimate, reserve, then ask the worker to build; reply when it has."""
+        agent, model = msg.fields["agent"], msg.fields["model"]
+        n_ctx = msg.fields.get("n_ctx", self.config.default_n_ctx)
+        self._check_agent_id(agent)
+        if not 64 <= n_ctx <= self.config.max_n_ctx:
+            raise LmxError(Code.BAD_REQUEST, f"n_ctx must be in [64, {self.config.max_n_ctx}]",
+                           Reason.BAD_VALUE, field="n_ctx")
+        if agent in self.agents:
+            raise LmxError(Code.AGENT_EXISTS, f"agent {agent!r} is already registered")
+        self._check_queue()
+        est = estimate(model, n_ctx, self.config.table)
+        denial = self.ledger.try_reserve(f"agent:{agent}", est.bytes)
+        if denial is not None:
+            log.info("admission: denied agent=%s requested=%d allocated=%d max=%d", agent,
+                     est.bytes, denial.ledger_allocated_bytes, denial.ledger_max_bytes)
+            raise denial.error(f"agent {agent!r} on {model}")
+        rec = self.agents[agent] = Agent(agent, model, est.path, n_ctx, est.bytes, est.source)
+        log.info("admission: reserved agent=%s bytes=%d source=%s", agent, est.bytes,
+                 est.source)
+
+        def done(result):
+            if result.get("status") == "ok":
+                rec.state = "ready"
+                result.update(agent=agent, path=est.path, n_ctx=n_ctx, booked_bytes=est.bytes,
+                              estimate_source=est.source, estimate_parts=est.parts)
+            else:
+                self._unbook(agent, "register failed")
+            self._send(identity, msg.id, dict(result, **self._ledger_numbers()))
+
+        self._submit("REGISTER", {"agent": agent, "path": est.path, "n_ctx": n_ctx}, done,
+                     on_error=lambda: self._unbook(agent, "register not queued"))
+        return None
+
+    def on_unregister(self, identity, msg):
+        """UNREGISTER: free the worker's slot, then release the agent's bytes."""
+        rec = self._agent(msg.fields["agent"])
+        prior, rec.state = rec.state, "leaving"
+
+        def done(result):
+            gone = result.get("status") == "ok" or result.get("code") in (
+                Code.UNKNOWN_AGENT, Code.WORKER_LOST)
+            if gone:
+                freed = self._unbook(rec.agent, "unregistered")
+                result = dict(result, status="ok", agent=rec.agent, released_bytes=freed)
+            else:
+                rec.state = prior
+            self._send(identity, msg.id, dict(result, **self._ledger_numbers()))
+
+        self._submit("UNREGISTER", {"agent": rec.agent}, done,
+                     on_error=lambda: setattr(rec, "state", prior))
+        return None
+
+    def on_decode(self, identity, msg):
+        """DECODE: validate, queue for the worker, and forward its result."""
+        rec = self._agent(msg.fields["agent"])
+        prompt, n_predict = msg.fields["prompt"], msg.fields["n_predict"]
+        if not 1 <= n_predict <= self.config.max_n_predict:
+            raise LmxError(Code.BAD_REQUEST, f"n_predict must be in [1, "
+                           f"{self.config.max_n_predict}], got {n_predict}", Reason.BAD_VALUE,
+                           field="n_predict")
+        if not prompt:
+            raise LmxError(Code.BAD_REQUEST, "prompt is empty", Reason.BAD_VALUE, field="prompt")
+        if len(prompt.encode("utf-8", "surrogatepass")) > self.config.max_prompt_bytes:
+            raise LmxError(Code.BAD_REQUEST, f"prompt exceeds {self.config.max_prompt_bytes} "
+                           "bytes", Reason.BAD_VALUE, field="prompt")
+        t0 = time.monotonic()
+
+        def done(result):
+            if result.get("status") == "ok":
+                rec.decodes += 1
+                rec.generated_tokens += result.get("generated_tokens", 0)
+                rec.last_active = time.time()
+            result = dict(result, agent=rec.agent, broker_ms=round(
+                (time.monotonic() - t0) * 1000, 2))
+            self._send(identity, msg.id, result)
+
+        self._submit("DECODE", {"agent": rec.agent, "prompt": prompt, "n_predict": n_predict},
+                     done)
+        return None
+
+    def on_status(self, _identity, _msg):
+        """STATUS: ledger, device, worker, queue and counters."""
+        dev, wk = self.worker.device, self.worker
+        return {"version": VERSION, "protocol": list(protocol.PROTOCOL_VERSION),
+                "endpoint": self.config.endpoint, "uptime_s": round(time.time() - self.started, 1),
+                **self._ledger_numbers(), "admission_percent": self.ledger.admission_percent,
+                "bookings": self.ledger.snapshot()["bookings"],
+                "device_kind": dev.get("kind"), "device_name": dev.get("name"),
+                "device_source": dev.get("source"),
+                "device_total_bytes": dev.get("total_bytes"),
+                "device_used_bytes": dev.get("used_bytes"),
+                "device_free_bytes": dev.get("free_bytes"),
+                "worker_pid": wk.pid, "worker_state": wk.state, "worker_restarts": wk.restarts,
+                "worker_process_bytes": dev.get("process_bytes"),
+                "live_agent": wk.engine.get("live_agent"),
+                "models": self._models(), "agents": len(self.agents),
+                "queue_depth": len(wk.queue), "inflight": wk.inflight is not None,
+                **self.counters}
+
+    def on_list(self, _identity, _msg):
+        """LIST: every agent with its booking and state."""
+        slots = self.worker.engine.get("slots", {})
+        return {"agents": [dict(vars(a), live=slots.get(a.agent, {}).get("live", False),
+                                parked_bytes=slots.get(a.agent, {}).get("parked_bytes", 0),
+                                n_past=slots.get(a.agent, {}).get("n_past", 0))
+                           for a in self.agents.values()]}
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _ledger_numbers(self):
+        return {"ledger_max_bytes": self.ledger.max_bytes,
+                "ledger_allocated_bytes": self.ledger.allocated_bytes}
+
+    def _models(self):
+        refs = self.worker.engine.get("models", {})
+        out = {}
+        for a in self.agents.values():
+            m = out.setdefault(a.path, {"path": a.path, "agents": 0, "booked_bytes": 0})
+            m["agents"] += 1
+            m["booked_bytes"] += a.booked_bytes
+        for path, info in refs.items():
+            out.setdefault(path, {"path": path, "agents": 0, "booked_bytes": 0})
+            out[path]["worker_refs"] = info.get("refs", 0)
+        return sorted(out.values(), key=lambda m: m["path"])
+
+    def _check_agent_id(self, agent):
+        if not cfg.AGENT_ID_RE.match(agent):
+            raise LmxError(Code.BAD_REQUEST, "agent id must be 1-64 chars of letters, digits "
+                           "and _.:- (starting with a letter or digit)", Reason.BAD_VALUE,
+                           field="agent")
+
+    def _check_queue(self):
+        if self.worker.state != "ready":
+            raise LmxError(Code.WORKER_UNAVAILABLE, f"worker is {self.worker.state}")
+        if len(self.worker.queue) >= self.config.queue_depth:
+            raise LmxError(Code.BUSY, "request queue is full", queue_depth=len(
+                self.worker.queue), max_queue_depth=self.config.queue_depth)
+
+    def _agent(self, agent):
+        rec = self.agents.get(agent)
+        if rec is None or rec.state == "leaving":
+            raise LmxError(Code.UNKNOWN_AGENT, f"no agent {agent!r} is registered")
+        return rec
+
+    def _unbook(self, agent, why):
+        self.agents.pop(agent, None)
+        freed = self.ledger.release(f"agent:{agent}")
+        log.info("admission: released agent=%s bytes=%d (%s)", agent, freed, why)
+        return freed
+
+    def _submit(self, verb, fields, done, on_error=None):
+        try:
+            self.worker.submit(verb, fields, done, time.monotonic())
+        except LmxError:
+            if on_error:
+                on_error()
+            raise
+
+    # -- worker -------------------------------------------------------------------------
+
+    def _on_worker(self, frames):
+        identity, body = frames[0], frames[1:]
+        try:
+            msg = protocol.decode_message(body, protocol.WORKER_EVENTS, max_bytes=None)
+        except LmxError as err:
+            log.error("worker: bad frame: %s", err)
+            return
+        was_ready = self.worker.state == "ready"
+        finished = self.worker.on_message(identity, msg, time.monotonic())
+        if msg.verb == "READY" and self.worker.state == "ready" and not was_ready:
+            self._adopt_device()
+            self._backoff = 1.0
+        if finished is not None:
+            job, result = finished
+            job.done(result)
+        self.worker.pump(time.monotonic())
+
+    def _check_worker(self, now):
+        wk = self.worker
+        if wk.state == "ready":
+            dead = wk.process_exited() or not is_alive(wk.last_seen, now, wk.heartbeat_s,
+                                                       wk.liveness)
+            if dead:
+                self._worker_lost("exited" if wk.process_exited() else "heartbeats stopped")
+        elif wk.state == "lost" and self.config.spawn_worker and now >= self._respawn_at:
+            wk.restarts += 1
+            wk.spawn(self.config.worker_endpoint, self.config.worker_args)
+        elif wk.state == "starting" and wk.process_exited():
+            self._worker_lost("exited while starting")
+
+    def _worker_lost(self, why):
+        """Fail every unfinished job with WORKER_LOST and drop agents whose state died."""
+        err = LmxError(Code.WORKER_LOST, f"the worker died ({why}) with this request in flight")
+        for job in self.worker.fail_all(why):
+            job.done(err.fields())
+        for agent in list(self.agents):
+            self._unbook(agent, "worker lost; context gone")
+        self._respawn_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, 32.0)

@@ -1,0 +1,152 @@
+"""The broker's side of its one worker: the process, its liveness and the job queue.
+
+Jobs go to the worker one at a time, in arrival order, so a DECODE never overtakes the
+REGISTER of its agent and the broker always knows which job a dead worker took with it.
+"""
+import collections
+import itertools
+import logging
+import subprocess
+import sys
+import time
+
+import zmq
+
+from lmx.common import protocol
+from lmx.common.errors import Code, LmxError
+
+log = logging.getLogger("lmx.broker")
+
+
+def is_alive(last_seen, now, interval, liveness):
+    """MDP liveness: a peer is alive while it spoke within `liveness` intervals."""
+    return now - last_seen <= interval * liveness
+
+
+class Job:
+    """One unit of worker work and the callback that turns its result into a reply."""
+
+    __slots__ = ("id", "verb", "fields", "done", "queued_at", "sent_at")
+
+    def __init__(self, job_id, verb, fields, done, now):
+        self.id = job_id
+        self.verb = verb
+        self.fields = fields
+        self.done = done          # done(result_fields) -> None
+        self.queued_at = now
+        self.sent_at = None
+
+
+class WorkerLink:
+    """Tracks the worker (identity, pid, device reading, engine summary) and its jobs."""
+
+    def __init__(self, sock, heartbeat_s, liveness, queue_depth):
+        self.sock = sock
+        self.heartbeat_s = heartbeat_s
+        self.liveness = liveness
+        self.queue_depth = queue_depth
+        self.queue = collections.deque()
+        self.inflight = None
+        self.identity = None
+        self.pid = None
+        self.proc = None
+        self.state = "starting"
+        self.device = {}
+        self.engine = {}
+        self.last_seen = 0.0
+        self.restarts = 0
+        self._ids = itertools.count(1)
+
+    # -- process ------------------------------------------------------------------------
+
+    def spawn(self, endpoint, extra_args):
+        """Start `python -m lmx.worker.main` pointed at our worker endpoint."""
+        cmd = [sys.executable, "-m", "lmx.worker.main", "--broker", endpoint,
+               "--heartbeat", str(self.heartbeat_s), "--liveness", str(self.liveness),
+               *extra_args]
+        log.info("worker: spawning %s", " ".join(cmd))
+        self.proc = subprocess.Popen(cmd)
+        self.state = "starting"
+        self.last_seen = time.monotonic()
+
+    def process_exited(self):
+        """True when a spawned worker process has exited."""
+        return self.proc is not None and self.proc.poll() is not None
+
+    def stop(self, timeout=10.0):
+        """Ask the worker to shut down; kill it if it does not exit in time."""
+        if self.identity is not None:
+            self._send(protocol.encode_request("SHUTDOWN", 0))
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("worker: pid %s ignored SHUTDOWN; killing", self.proc.pid)
+                self.proc.kill()
+                self.proc.wait()
+
+    # -- messages -----------------------------------------------------------------------
+
+    def _send(self, frames):
+        """Every frame to the worker goes through here."""
+        self.sock.send_multipart([self.identity, *frames])
+
+    def heartbeat(self):
+        """Tell the worker we are alive."""
+        if self.identity is not None and self.state == "ready":
+            self._send(protocol.encode_request("HEARTBEAT", 0))
+
+    def on_message(self, identity, msg, now):
+        """Handle READY/HEARTBEAT/RESULT; return (job, result) when a job finished."""
+        if msg.verb == "READY":
+            if self.state == "ready" and identity != self.identity:
+                log.error("worker: second worker pid=%s refused; one worker per broker",
+                          msg.fields["pid"])
+                self.sock.send_multipart([identity, *protocol.encode_request("SHUTDOWN", 0)])
+                return None
+            self.identity, self.pid = identity, msg.fields["pid"]
+            self.device, self.state, self.last_seen = msg.fields["device"], "ready", now
+            log.info("worker: ready pid=%s device=%s total=%s", self.pid,
+                     self.device.get("name"), self.device.get("total_bytes"))
+            return None
+        if identity != self.identity:
+            return None
+        self.last_seen = now
+        if msg.verb == "HEARTBEAT" and msg.fields.get("device"):
+            self.device = msg.fields["device"]
+        if msg.verb != "RESULT":
+            return None
+        job, self.inflight = self.inflight, None
+        if job is None or job.id != msg.id:
+            log.error("worker: result for unknown job %s", msg.id)
+            return None
+        self.engine = msg.fields.pop("engine", self.engine)
+        return job, msg.fields
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    def submit(self, verb, fields, done, now):
+        """Queue a job; raise BUSY when the queue is full or WORKER_UNAVAILABLE when down."""
+        if self.state != "ready":
+            raise LmxError(Code.WORKER_UNAVAILABLE, f"worker is {self.state}; try again")
+        if len(self.queue) >= self.queue_depth:
+            raise LmxError(Code.BUSY, f"request queue is full ({len(self.queue)} waiting)",
+                           queue_depth=len(self.queue), max_queue_depth=self.queue_depth)
+        self.queue.append(Job(next(self._ids), verb, fields, done, now))
+        self.pump(now)
+
+    def pump(self, now):
+        """Send the next queued job if none is in flight."""
+        if self.inflight is None and self.queue and self.state == "ready":
+            job = self.inflight = self.queue.popleft()
+            job.sent_at = now
+            self._send(protocol.encode_request(job.verb, job.id, **job.fields))
+
+    def fail_all(self, message):
+        """The worker is gone: mark it lost and return every unfinished job."""
+        jobs = ([self.inflight] if self.inflight else []) + list(self.queue)
+        self.inflight = None
+        self.queue.clear()
+        self.state, self.identity, self.engine = "lost", None, {}
+        log.error("worker: lost (%s); failing %d job(s)", message, len(jobs))
+        return jobs
