@@ -1,6 +1,7 @@
 """`lmx-broker`: serve agents on a ZeroMQ ROUTER with VRAM admission control."""
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -23,10 +24,9 @@ def _size(ctx, param, value):
 
 
 def _private_worker_endpoint():
-    """An ipc endpoint in a fresh 0700 directory, for the broker's own worker."""
+    """An ipc endpoint in a fresh 0700 directory (mkdtemp's mode), and that directory."""
     folder = tempfile.mkdtemp(prefix="lmx-broker-")
-    os.chmod(folder, 0o700)
-    return f"ipc://{folder}/worker.sock"
+    return f"ipc://{folder}/worker.sock", folder
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,12 +76,15 @@ def main(endpoint, worker_endpoint, vram_table, vram_total, admission_percent, s
         raise click.BadParameter(str(exc), param_hint="--vram-table") from None
     if not spawn_worker and not worker_endpoint:
         raise click.UsageError("--no-spawn-worker needs --worker-endpoint for the worker")
+    private = None
+    if worker_endpoint is None:
+        worker_endpoint, private = _private_worker_endpoint()
     args = ["--gpu-index", str(gpu_index)]
     args += ["--vram-total", str(vram_total)] if vram_total else []
     args += ["--threads", str(threads)] if threads else []
     args += ["--cpu"] if worker_cpu else []
     config = BrokerConfig(
-        endpoint=endpoint, worker_endpoint=worker_endpoint or _private_worker_endpoint(),
+        endpoint=endpoint, worker_endpoint=worker_endpoint,
         table=table, vram_total=vram_total, admission_percent=admission_percent,
         spawn_worker=spawn_worker, worker_args=tuple(args),
         worker_start_timeout=worker_start_timeout, worker_overhead=worker_overhead,
@@ -93,13 +96,19 @@ def main(endpoint, worker_endpoint, vram_table, vram_total, admission_percent, s
     signal.signal(signal.SIGTERM, lambda *_: setattr(broker, "stop", True))
     signal.signal(signal.SIGINT, lambda *_: setattr(broker, "stop", True))
     log.info("broker: worker endpoint %s", config.worker_endpoint)
+    code = 0
     try:
         broker.start()
+        broker.run()
     except RuntimeError as exc:
         log.error("broker: %s", exc)
         broker.close()
-        sys.exit(1)
-    broker.run()
+        code = 1
+    finally:
+        if private:
+            shutil.rmtree(private, ignore_errors=True)
+    log.info("broker: stopped")
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,8 @@ class Broker:
             self.worker.spawn(self.config.worker_endpoint, self.config.worker_args)
         deadline = time.monotonic() + self.config.worker_start_timeout
         while self.worker.state != "ready":
+            if self.stop:
+                raise RuntimeError("stopped before the worker was ready")
             if self.worker.process_exited():
                 raise RuntimeError(f"worker exited with {self.worker.proc.returncode} "
                                    "before it was ready")

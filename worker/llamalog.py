@@ -49,8 +49,6 @@ class LlamaLog:
         return out
 
     def last_error(self):
-        """The last error-level line since reset(), or ''."""
-        for level, line in reversed(self._lines):
-            if level == _ERROR or "error" in line.lower() or "failed" in line.lower():
-                return line.strip()
-        return ""
+        """The error-level lines since reset(), root cause first, joined; or ''."""
+        errors = [line.strip() for level, line in self._lines if level == _ERROR]
+        return "; ".join(dict.fromkeys(errors))

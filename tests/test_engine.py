@@ -1,0 +1,81 @@
+"""The worker's engine in-process with real llama.cpp on CPU: refcounts, swaps, exactness."""
+import pytest
+
+from lmx.broker.estimate import estimate
+from lmx.common.errors import Code, LmxError, Reason
+from ggufs import write_unknown_arch
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from lmx.worker.engine import Engine
+    eng = Engine(2, gpu=False, pinned=False)
+    yield eng
+    eng.close()
+
+
+def test_models_are_shared_by_refcount(engine, smol_path):
+    assert engine.register("a", smol_path, 512)["model_loaded"] is True
+    again = engine.register("b", smol_path, 512)
+    assert again["model_loaded"] is False and again["model_refs"] == 2
+    assert engine.unregister("a") == {"model_freed": False}
+    assert engine.unregister("b") == {"model_freed": True}
+    assert engine.models == {} and engine.slots == {}
+
+
+def test_failed_load_leaves_nothing(engine, tmp_path):
+    odd = write_unknown_arch(tmp_path / "odd.gguf")
+    with pytest.raises(LmxError) as info:
+        engine.register("odd", str(odd), 512)
+    assert info.value.reason == Reason.LOAD_FAILED
+    assert "nonesuch" in info.value.message or "architecture" in info.value.message
+    assert engine.models == {} and engine.slots == {}
+
+
+def test_swap_and_restore_is_exact(engine, smol_path, gemma_path):
+    engine.register("s", smol_path, 1024)
+    engine.register("g", gemma_path, 1024)
+    engine.register("ref", smol_path, 1024)
+    try:
+        first = engine.decode("s", "Hello, my name is", 16)
+        assert first["kv_swap_evicted"] is None and not first["kv_swap_restored"]
+        other = engine.decode("g", "The capital of France is", 8)
+        assert other["kv_swap_evicted"] == "s"
+        assert engine.summary()["slots"]["s"]["parked_bytes"] > 0
+        resumed = engine.decode("s", "The weather today is", 16)
+        assert resumed["kv_swap_evicted"] == "g" and resumed["kv_swap_restored"] is True
+        # The same conversation with no swap in between.
+        ref1 = engine.decode("ref", "Hello, my name is", 16)
+        ref2 = engine.decode("ref", "The weather today is", 16)
+        assert ref1["tokens"] == first["tokens"]
+        assert ref2["tokens"] == resumed["tokens"] and ref2["text"] == resumed["text"]
+        assert not ref2["kv_swap_restored"]
+    finally:
+        for agent in ("s", "g", "ref"):
+            engine.unregister(agent)
+
+
+def test_context_full_is_refused_before_any_work(engine, smol_path):
+    engine.register("c", smol_path, 64)
+    try:
+        with pytest.raises(LmxError) as info:
+            engine.decode("c", "Hello " * 40, 40)
+        assert info.value.code == Code.CONTEXT_FULL
+        assert engine.live is None or engine.live.agent != "c"
+        assert engine.decode("c", "Hi", 4)["generated_tokens"] >= 1
+    finally:
+        engine.unregister("c")
+
+
+@pytest.mark.parametrize("n_ctx", [512, 4096])
+def test_conservative_estimate_covers_what_llama_cpp_allocates(engine, smol_path, gemma_path,
+                                                              n_ctx):
+    for path in (smol_path, gemma_path):
+        booked = estimate(path, n_ctx, {}).bytes
+        info = engine.register("m", path, n_ctx)
+        try:
+            engine.decode("m", "Hi", 1)
+            real = sum(info["buffers"].values()) + sum(engine.live.ctx_buffers.values())
+        finally:
+            engine.unregister("m")
+        assert booked >= real, (path, n_ctx, booked, real)
