@@ -1,0 +1,58 @@
+"""A worker that dies: in-flight requests fail fast with WORKER_LOST, the broker restarts it."""
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from conftest import wait_until
+from lmx.common.errors import Code, LmxError
+
+
+def test_sigkill_mid_decode_fails_fast_and_the_worker_comes_back(broker_factory, table):
+    broker = broker_factory("--vram-table", str(table), "--heartbeat", "0.5")
+    with broker.client() as c:
+        c.register("long", "smol", n_ctx=4096)
+    old_pid = broker.status()["worker_pid"]
+    outcome = {}
+
+    def decode():
+        with broker.client() as c:
+            try:
+                c.decode("long", "Once upon a time", 4000)
+                outcome["error"] = None
+            except LmxError as err:
+                outcome["error"] = err
+            outcome["at"] = time.monotonic()
+
+    t = threading.Thread(target=decode)
+    t.start()
+    wait_until(lambda: broker.status()["inflight"], what="decode in flight")
+    time.sleep(0.3)
+    killed_at = time.monotonic()
+    os.kill(old_pid, signal.SIGKILL)
+    t.join(30)
+    assert outcome["error"] is not None and outcome["error"].code == Code.WORKER_LOST
+    assert outcome["at"] - killed_at < 2 * 0.5 + 0.5
+    status = wait_until(lambda: (s := broker.status())["worker_state"] == "ready" and
+                        s["worker_pid"] != old_pid and s, timeout=60, what="worker restart")
+    assert status["worker_restarts"] == 1
+    # Agents whose context died are dropped with their bookings (journaled resume is later work).
+    assert status["ledger_allocated_bytes"] == 0 and status["agents"] == 0
+    with broker.client() as c:
+        with pytest.raises(LmxError) as info:
+            c.decode("long", "hi", 1)
+        assert info.value.code == Code.UNKNOWN_AGENT
+        c.register("again", "smol")
+        assert c.decode("again", "Hello", 2)["generated_tokens"] >= 1
+        c.unregister("again")
+
+
+def test_broker_refuses_to_start_when_the_worker_cannot(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "lmx.broker.main", "--endpoint",
+                        f"ipc://{tmp_path}/x.sock", "--threads", "-1", "--vram-total", "lots"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "not a size" in r.stderr
