@@ -49,14 +49,16 @@ def wait_ready(endpoint, proc):
 @click.option("--gemma", default="gemma", help="Table key or path for the second's.")
 @click.option("--table", default="configs/model_vram.example.txt", show_default=True)
 @click.option("--n-predict", default=24, show_default=True)
+@click.option("--broker-log", type=click.File("wb"), default=None,
+              help="Where the broker's log goes [default: discarded].")
 @click.argument("broker_args", nargs=-1, type=click.UNPROCESSED)
-def main(smol, gemma, table, n_predict, broker_args):
+def main(smol, gemma, table, n_predict, broker_log, broker_args):
     """Run the walk and print its transcript."""
     endpoint = f"ipc://{tempfile.mkdtemp(prefix='lmx-walk-')}/lmx.sock"
     cmd = [sys.executable, "-m", "lmx.broker.main", "--endpoint", endpoint,
            "--vram-table", table, *broker_args]
     click.echo("$ lmx-broker " + " ".join(cmd[3:]) + " &\n")
-    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stderr=broker_log or subprocess.DEVNULL)
     try:
         wait_ready(endpoint, proc)
         probe(endpoint, "REGISTER", "smol", smol)

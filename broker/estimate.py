@@ -1,7 +1,7 @@
 """Per-agent booking estimates: the operator table first, else a conservative GGUF bound.
 
 The conservative bound (for models not in the table) is deliberately an over-estimate; it reads
-only GGUF metadata (the `gguf` package, memory-mapped, no weights), never the GPU:
+only GGUF metadata (broker/ggufmeta.py, memory-mapped, no weights), never the GPU:
 
     n_ctx'   = n_ctx rounded up to a multiple of 256            (llama.cpp pads the KV cache)
     weights  = file size                                         (all tensors on the device)
@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from lmx.broker.ggufmeta import GGUFFormatError, read_metadata
 from lmx.common.errors import Code, LmxError, Reason
 
 N_UBATCH = 512
@@ -59,42 +60,37 @@ def check_gguf_file(path):
                        Reason.NOT_GGUF, path=path)
 
 
-def _scalar_max(reader, key, default=None):
-    """A metadata value, taking the max of per-layer arrays."""
-    fld = reader.fields.get(key)
-    if fld is None:
-        return default
-    values = [int(fld.parts[i][0]) for i in fld.data]
-    return max(values) if values else default
+def _max(meta, key, default=None):
+    """A metadata number, taking the max of per-layer arrays."""
+    value = meta.get(key, default)
+    if isinstance(value, list):
+        return max(value) if value else default
+    return value
 
 
 @lru_cache(maxsize=64)
 def _shape(path, _mtime_ns, _size):
     """The metadata numbers the bound needs, or None if the architecture lacks them."""
-    from gguf import GGUFReader  # imported lazily: numpy-heavy, only needed off the table
     try:
-        reader = GGUFReader(path, "r")
-    except Exception as exc:
+        meta = read_metadata(path)
+    except (GGUFFormatError, OSError) as exc:
         raise LmxError(Code.MODEL_ERROR, f"{path} is a corrupt GGUF: {exc}", Reason.CORRUPT,
                        path=path) from None
-    arch_field = reader.fields.get("general.architecture")
-    if arch_field is None:
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
         raise LmxError(Code.MODEL_ERROR, f"{path} has no general.architecture",
                        Reason.CORRUPT, path=path)
-    arch = bytes(arch_field.parts[arch_field.data[0]]).decode("utf-8", "replace")
-    n_layer = _scalar_max(reader, f"{arch}.block_count")
-    n_embd = _scalar_max(reader, f"{arch}.embedding_length")
-    n_head = _scalar_max(reader, f"{arch}.attention.head_count")
-    n_ff = _scalar_max(reader, f"{arch}.feed_forward_length", 0)
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    n_vocab = _scalar_max(reader, f"{arch}.vocab_size") or (len(tokens.data) if tokens else None)
-    if None in (n_layer, n_embd, n_head, n_vocab) or n_head == 0:
+    n_layer = _max(meta, f"{arch}.block_count")
+    n_embd = _max(meta, f"{arch}.embedding_length")
+    n_head = _max(meta, f"{arch}.attention.head_count")
+    n_vocab = _max(meta, f"{arch}.vocab_size") or meta.get("tokenizer.ggml.tokens")
+    if None in (n_layer, n_embd, n_head, n_vocab) or not n_head:
         return None
-    n_head_kv = _scalar_max(reader, f"{arch}.attention.head_count_kv", n_head)
-    d_k = _scalar_max(reader, f"{arch}.attention.key_length", n_embd // n_head)
-    d_v = _scalar_max(reader, f"{arch}.attention.value_length", n_embd // n_head)
-    return dict(arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
-                d_k=d_k, d_v=d_v, n_ff=n_ff, n_vocab=n_vocab)
+    return dict(arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                n_head_kv=_max(meta, f"{arch}.attention.head_count_kv", n_head),
+                d_k=_max(meta, f"{arch}.attention.key_length", n_embd // n_head),
+                d_v=_max(meta, f"{arch}.attention.value_length", n_embd // n_head),
+                n_ff=_max(meta, f"{arch}.feed_forward_length", 0), n_vocab=int(n_vocab))
 
 
 def conservative(path, n_ctx):

@@ -290,9 +290,8 @@ class Broker:
     def on_list(self, _identity, _msg):
         """LIST: every agent with its booking and state."""
         slots = self.worker.engine.get("slots", {})
-        return {"agents": [dict(vars(a), live=slots.get(a.agent, {}).get("live", False),
-                                parked_bytes=slots.get(a.agent, {}).get("parked_bytes", 0),
-                                n_past=slots.get(a.agent, {}).get("n_past", 0))
+        keys = (("live", False), ("parked_bytes", 0), ("parked_pinned", False), ("n_past", 0))
+        return {"agents": [dict(vars(a), **{k: slots.get(a.agent, {}).get(k, d) for k, d in keys})
                            for a in self.agents.values()]}
 
     # -- helpers ------------------------------------------------------------------------

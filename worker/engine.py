@@ -277,6 +277,7 @@ class Engine:
                            for p, m in self.models.items()},
                 "slots": {a: {"model": s.model.path, "n_ctx": s.n_ctx, "n_past": s.n_past,
                               "parked_bytes": s.parked_bytes, "live": s is self.live,
+                              "parked_pinned": bool(s.parked and s.parked.pinned),
                               "decodes": s.decodes, "generated": s.generated}
                           for a, s in self.slots.items()}}
 
