@@ -74,6 +74,10 @@ def main(endpoint, worker_endpoint, vram_table, vram_total, admission_percent, s
         table = cfg.load_model_table(vram_table) if vram_table else {}
     except (OSError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint="--vram-table") from None
+    for entry in table.values():
+        if not os.path.isfile(entry.path):
+            log.warning("broker: table key %r points at a missing file %s", entry.key,
+                        entry.path)
     if not spawn_worker and not worker_endpoint:
         raise click.UsageError("--no-spawn-worker needs --worker-endpoint for the worker")
     private = None

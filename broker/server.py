@@ -5,6 +5,7 @@ and creates the slot -> commit. Any failure after the reservation releases it, s
 the registry and the worker's refcounts end exactly as they were.
 """
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -65,6 +66,19 @@ class Agent:
 CUDA_OVERHEAD = 640 << 20  # CUDA context + cuBLAS workspace per process, measured on the H200
 
 
+def refuse_if_served(endpoint):
+    """Binding an ipc path silently takes it over: refuse if a broker still answers there."""
+    if not endpoint.startswith("ipc://") or not os.path.exists(endpoint[len("ipc://"):]):
+        return
+    from lmx.common.client import Client, LmxTimeout
+    try:
+        with Client(endpoint, timeout=1.0) as probe:
+            pid = probe.request("STATUS").get("worker_pid")
+    except (LmxTimeout, LmxError):
+        return                      # a stale socket file: nobody home
+    raise RuntimeError(f"another lmx broker (worker pid {pid}) is serving {endpoint}")
+
+
 class Broker:
     """Admission accounting, the agent registry and the request queue."""
 
@@ -105,6 +119,7 @@ class Broker:
             if self.wsock.poll(200):
                 self._on_worker(self.wsock.recv_multipart())
         self._adopt_device()
+        refuse_if_served(self.config.endpoint)
         self.client = make_socket(self.ctx, zmq.ROUTER, self.config.endpoint, bind=True)
         log.info("broker: serving %s (cap %s of %s)", self.config.endpoint,
                  cfg.format_size(self.ledger.max_bytes),

@@ -56,3 +56,35 @@ def test_broker_refuses_to_start_when_the_worker_cannot(tmp_path):
                         f"ipc://{tmp_path}/x.sock", "--threads", "-1", "--vram-total", "lots"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "not a size" in r.stderr
+
+
+def test_a_worker_started_by_hand(tmp_path, broker_factory, smol_path):
+    import subprocess
+    import sys
+    wep = f"ipc://{tmp_path}/w.sock"
+    worker = subprocess.Popen([sys.executable, "-m", "lmx.worker.main", "--broker", wep,
+                               "--threads", "2", "--vram-total", "3GiB"])
+    try:
+        broker = broker_factory("--no-spawn-worker", "--worker-endpoint", wep)
+        status = broker.status()
+        assert status["worker_pid"] == worker.pid
+        assert status["device_total_bytes"] == 3 << 30
+        with broker.client() as c:
+            c.register("h", smol_path)
+            assert c.decode("h", "Hello", 3)["generated_tokens"] >= 1
+            c.unregister("h")
+        broker.stop()
+        assert worker.wait(30) == 0      # the broker's SHUTDOWN ends a hand-started worker too
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+
+
+def test_a_second_broker_on_the_same_socket_is_refused(broker_factory, tmp_path):
+    import subprocess
+    import sys
+    first = broker_factory()
+    r = subprocess.run([sys.executable, "-m", "lmx.broker.main", "--endpoint", first.endpoint,
+                        "--threads", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "another lmx broker" in r.stderr
+    assert first.status()["worker_state"] == "ready"
