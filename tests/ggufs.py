@@ -11,6 +11,10 @@ def write_unknown_arch(path):
     w.add_embedding_length(8)
     w.add_head_count(2)
     w.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    return _finish(w, path)
+
+
+def _finish(w, path):
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -22,8 +26,4 @@ def write_no_shape(path):
     """A GGUF with an architecture but none of the shape keys (the estimate's fallback case)."""
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _finish(w, path)
