@@ -73,8 +73,8 @@ class _Cursor:
         return ArrayLength(count)
 
 
-def read_metadata(path):
-    """The metadata map of a GGUF file; GGUFFormatError if it is not one."""
+def read_metadata(path, with_tensors=False):
+    """The metadata map of a GGUF file (plus 'GGUF.tensors' if asked); GGUFFormatError if not one."""
     with open(path, "rb") as fh:
         try:
             buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
@@ -94,4 +94,18 @@ def read_metadata(path):
         for _ in range(n_kv):
             key = cur.string()
             meta[key] = cur.value(cur.take("<I"))
+        if with_tensors:
+            meta["GGUF.tensors"] = [_tensor_info(cur) for _ in range(n_tensors)]
         return meta
+
+
+def _tensor_info(cur):
+    """(name, ne list in GGML order, ggml type id) of one tensor info record."""
+    name = cur.string()
+    n_dims = cur.take("<I")
+    if n_dims > 8:
+        raise GGUFFormatError(f"tensor {name!r} claims {n_dims} dimensions")
+    ne = [cur.take("<Q") for _ in range(n_dims)]
+    ggml_type = cur.take("<I")
+    cur.take("<Q")  # offset into the data section
+    return name, ne, ggml_type

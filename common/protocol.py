@@ -51,7 +51,7 @@ CLIENT_VERBS = {
 
 # Broker -> worker jobs.
 WORKER_JOBS = {
-    "REGISTER": {"agent": Field(str), "path": Field(str), "n_ctx": Field(int)},
+    "REGISTER": {"agent": Field(str), "path": Field(str), "spec": Field(dict)},
     "UNREGISTER": {"agent": Field(str)},
     "DECODE": {"agent": Field(str), "prompt": Field(str), "n_predict": Field(int)},
     "HEARTBEAT": {},

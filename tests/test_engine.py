@@ -2,6 +2,7 @@
 import pytest
 
 from lmx.broker.estimate import estimate
+from lmx.common.ctxspec import ContextSpec
 from lmx.common.errors import Code, LmxError, Reason
 from ggufs import write_unknown_arch
 
@@ -15,8 +16,8 @@ def engine():
 
 
 def test_models_are_shared_by_refcount(engine, smol_path):
-    assert engine.register("a", smol_path, 512)["model_loaded"] is True
-    again = engine.register("b", smol_path, 512)
+    assert engine.register("a", smol_path, ContextSpec(n_ctx=512))["model_loaded"] is True
+    again = engine.register("b", smol_path, ContextSpec(n_ctx=512))
     assert again["model_loaded"] is False and again["model_refs"] == 2
     assert engine.unregister("a") == {"model_freed": False}
     assert engine.unregister("b") == {"model_freed": True}
@@ -26,16 +27,16 @@ def test_models_are_shared_by_refcount(engine, smol_path):
 def test_failed_load_leaves_nothing(engine, tmp_path):
     odd = write_unknown_arch(tmp_path / "odd.gguf")
     with pytest.raises(LmxError) as info:
-        engine.register("odd", str(odd), 512)
+        engine.register("odd", str(odd), ContextSpec(n_ctx=512))
     assert info.value.reason == Reason.LOAD_FAILED
     assert "nonesuch" in info.value.message or "architecture" in info.value.message
     assert engine.models == {} and engine.slots == {}
 
 
 def test_swap_and_restore_is_exact(engine, smol_path, gemma_path):
-    engine.register("s", smol_path, 1024)
-    engine.register("g", gemma_path, 1024)
-    engine.register("ref", smol_path, 1024)
+    engine.register("s", smol_path, ContextSpec(n_ctx=1024))
+    engine.register("g", gemma_path, ContextSpec(n_ctx=1024))
+    engine.register("ref", smol_path, ContextSpec(n_ctx=1024))
     try:
         first = engine.decode("s", "Hello, my name is", 16)
         assert first["kv_swap_evicted"] is None and not first["kv_swap_restored"]
@@ -56,7 +57,7 @@ def test_swap_and_restore_is_exact(engine, smol_path, gemma_path):
 
 
 def test_context_full_is_refused_before_any_work(engine, smol_path):
-    engine.register("c", smol_path, 64)
+    engine.register("c", smol_path, ContextSpec(n_ctx=64))
     try:
         with pytest.raises(LmxError) as info:
             engine.decode("c", "Hello " * 40, 40)
@@ -72,7 +73,7 @@ def test_conservative_estimate_covers_what_llama_cpp_allocates(engine, smol_path
                                                               n_ctx):
     for path in (smol_path, gemma_path):
         booked = estimate(path, n_ctx, {}).bytes
-        info = engine.register("m", path, n_ctx)
+        info = engine.register("m", path, ContextSpec(n_ctx=n_ctx))
         try:
             engine.decode("m", "Hi", 1)
             real = sum(info["buffers"].values()) + sum(engine.live.ctx_buffers.values())

@@ -14,19 +14,39 @@ import time
 
 import numpy as np
 
+from lmx.common.ctxspec import KV_TYPES, ContextSpec
 from lmx.common.errors import Code, LmxError, Reason
 from lmx.worker.device import HostBuffer
 from lmx.worker.llamalog import LlamaLog
 
 log = logging.getLogger("lmx.worker")
-N_BATCH = 512
+FLASH_ATTN = {True: 1, False: 0}     # LLAMA_FLASH_ATTN_TYPE_ENABLED / _DISABLED
+
+
+def device_bytes(buffers, cuda):
+    """Sum of llama.cpp's device buffers: model, KV and compute, never the host output buffer.
+
+    On a CPU worker the CPU backend stands in for the device, so its buffers count.
+    """
+    total = 0
+    for key, nbytes in buffers.items():
+        dev, kind = key.split()
+        if kind == "output" or "_Host" in dev or (cuda and dev.startswith("CPU")):
+            continue
+        total += nbytes
+    return total
+
+
+def _delta(before, after):
+    return None if before is None or after is None else after - before
 
 
 class Model:
     """One loaded GGUF, shared by every agent on it."""
 
-    def __init__(self, path, ptr, load_ms, buffers):
+    def __init__(self, path, ptr, load_ms, buffers, nvml_delta):
         self.path = path
+        self.nvml_delta = nvml_delta
         self.ptr = ptr
         self.vocab = llama_cpp.llama_model_get_vocab(ptr)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
@@ -60,10 +80,12 @@ class Model:
 class Slot:
     """One agent: its model, its context size, its conversation and its parked state."""
 
-    def __init__(self, agent, model, n_ctx):
+    def __init__(self, agent, model, spec):
         self.agent = agent
         self.model = model
-        self.n_ctx = n_ctx
+        self.spec = spec
+        self.n_ctx = spec.n_ctx
+        self.measured = None     # device bytes of its context, once one was built
         self.n_past = 0          # tokens already in the KV cache
         self.pending = []        # sampled but not yet evaluated (the last token of a reply)
         self.parked = None       # HostBuffer with llama_state_get_data output
@@ -75,7 +97,8 @@ class Slot:
 class Engine:
     """Models, slots and the one live context of this worker."""
 
-    def __init__(self, n_threads, gpu, pinned):
+    def __init__(self, n_threads, gpu, pinned, process_bytes=None):
+        self.process_bytes = process_bytes or (lambda: None)   # NVML reading of this process
         self.n_threads = n_threads
         self.gpu = gpu
         self.pinned = pinned
@@ -94,6 +117,7 @@ class Engine:
             params = llama_cpp.llama_model_default_params()
             params.n_gpu_layers = -1 if self.gpu else 0
             self.llama_log.reset()
+            before = self.process_bytes()
             t0 = time.perf_counter()
             ptr = llama_cpp.llama_model_load_from_file(path.encode(), params)
             if not ptr:
@@ -101,7 +125,7 @@ class Engine:
                 raise LmxError(Code.MODEL_ERROR, f"llama.cpp could not load {path}: {why}",
                                Reason.LOAD_FAILED, path=path)
             model = Model(path, ptr, (time.perf_counter() - t0) * 1000,
-                          self.llama_log.buffers())
+                          self.llama_log.buffers(), _delta(before, self.process_bytes()))
             self.models[path] = model
             log.info("worker: loaded %s in %.0f ms", path, model.load_ms)
         model.refs += 1
@@ -118,16 +142,18 @@ class Engine:
 
     # -- agents -------------------------------------------------------------------------
 
-    def register(self, agent, path, n_ctx):
-        """Acquire the model (refcounted) and create the agent's slot."""
+    def register(self, agent, path, spec):
+        """Acquire the model (refcounted) and create the agent's slot (spec: ContextSpec)."""
         if agent in self.slots:
             raise LmxError(Code.AGENT_EXISTS, f"agent {agent!r} already has a slot")
         fresh = path not in self.models
         model = self._acquire(path)
-        self.slots[agent] = Slot(agent, model, n_ctx)
+        self.slots[agent] = Slot(agent, model, spec)
         return {"model_loaded": fresh, "model_refs": model.refs,
                 "load_ms": round(model.load_ms, 1) if fresh else 0.0,
-                "buffers": model.buffers, "n_vocab": model.n_vocab}
+                "buffers": model.buffers, "n_vocab": model.n_vocab,
+                "model_measured": {"device_bytes": device_bytes(model.buffers, self.gpu),
+                                   "nvml_delta": model.nvml_delta}}
 
     def unregister(self, agent):
         """Free the agent's context or parked state, its slot, and its model reference."""
@@ -146,26 +172,34 @@ class Engine:
 
     # -- contexts -----------------------------------------------------------------------
 
-    def _ctx_params(self, n_ctx):
+    def _ctx_params(self, spec):
         p = llama_cpp.llama_context_default_params()
-        p.n_ctx = n_ctx
-        p.n_batch = p.n_ubatch = min(N_BATCH, n_ctx)
-        p.n_seq_max = 1
-        p.n_outputs_max = 1        # only the last token's logits are read: 4 x vocab, not 512x
-        p.swa_full = False         # sliding-window layers keep only their window
+        p.n_ctx = spec.n_ctx
+        p.n_batch = spec.n_batch
+        p.n_ubatch = spec.n_ubatch
+        p.n_seq_max = spec.n_seq
+        p.n_outputs_max = spec.n_outputs_max
+        p.swa_full = spec.swa_full
+        p.flash_attn_type = FLASH_ATTN[spec.flash_attn]
+        p.type_k = KV_TYPES[spec.type_k][0]
+        p.type_v = KV_TYPES[spec.type_v][0]
         p.n_threads = p.n_threads_batch = self.n_threads
         p.no_perf = True
         return p
 
     def _new_ctx(self, slot):
         self.llama_log.reset()
-        ctx = llama_cpp.llama_init_from_model(slot.model.ptr, self._ctx_params(slot.n_ctx))
+        before = self.process_bytes()
+        ctx = llama_cpp.llama_init_from_model(slot.model.ptr, self._ctx_params(slot.spec))
         if not ctx:
             why = self.llama_log.last_error() or "llama_init_from_model returned NULL"
             raise LmxError(Code.MODEL_ERROR, f"cannot create a {slot.n_ctx}-token context for "
                            f"{slot.agent!r}: {why}", Reason.CONTEXT_FAILED)
         self.ctx, self.live = ctx, slot
         slot.ctx_buffers = self.llama_log.buffers()
+        slot.measured = {"device_bytes": device_bytes(slot.ctx_buffers, self.gpu),
+                         "nvml_delta": _delta(before, self.process_bytes()),
+                         "buffers": slot.ctx_buffers}
 
     def _free_ctx(self):
         if self.ctx is not None:
@@ -207,8 +241,9 @@ class Engine:
     # -- decode -------------------------------------------------------------------------
 
     def _eval(self, tokens):
-        for i in range(0, len(tokens), N_BATCH):
-            chunk = tokens[i:i + N_BATCH]
+        step = min(self.live.spec.n_batch, self.live.n_ctx)
+        for i in range(0, len(tokens), step):
+            chunk = tokens[i:i + step]
             arr = (llama_cpp.llama_token * len(chunk))(*chunk)
             rc = llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(arr, len(chunk)))
             if rc != 0:
@@ -234,6 +269,7 @@ class Engine:
             raise LmxError(Code.CONTEXT_FULL, f"{slot.n_past} tokens in context + "
                            f"{len(feed)} new + n_predict {n_predict} > n_ctx {slot.n_ctx}",
                            n_past=slot.n_past, n_ctx=slot.n_ctx, needed=need)
+        built = self.live is not slot
         evicted, restored = self._activate(slot)
         t_swap = time.perf_counter()
         slot.pending = []
@@ -251,7 +287,8 @@ class Engine:
                 "gen_ms": round((t_end - t_prompt) * 1000, 2),
                 "kv_swap_evicted": evicted, "kv_swap_restored": restored,
                 "n_past": slot.n_past + len(slot.pending),
-                "text": text.decode("utf-8", "replace"), "tokens": out}
+                "text": text.decode("utf-8", "replace"), "tokens": out,
+                "context_measured": slot.measured if built else None}
 
     def _generate(self, slot, n_predict):
         """Sample greedily; the last sampled token stays pending until the next turn."""
@@ -276,6 +313,7 @@ class Engine:
                 "models": {p: {"refs": m.refs, "buffers": m.buffers}
                            for p, m in self.models.items()},
                 "slots": {a: {"model": s.model.path, "n_ctx": s.n_ctx, "n_past": s.n_past,
+                              "measured_bytes": s.measured and s.measured["device_bytes"],
                               "parked_bytes": s.parked_bytes, "live": s is self.live,
                               "parked_pinned": bool(s.parked and s.parked.pinned),
                               "decodes": s.decodes, "generated": s.generated}

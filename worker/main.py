@@ -19,6 +19,7 @@ import zmq
 from lmx.common import protocol
 from lmx.common.config import (DEFAULT_HEARTBEAT_S, DEFAULT_LIVENESS, DEFAULT_VRAM_TOTAL,
                                default_threads, parse_size)
+from lmx.common.ctxspec import ContextSpec
 from lmx.common.errors import Code, LmxError
 from lmx.common.sockets import make_socket
 from lmx.worker.device import open_device
@@ -33,7 +34,7 @@ def run_job(engine, msg):
     f = msg.fields
     try:
         if msg.verb == "REGISTER":
-            out = engine.register(f["agent"], f["path"], f["n_ctx"])
+            out = engine.register(f["agent"], f["path"], ContextSpec(**f["spec"]))
         elif msg.verb == "UNREGISTER":
             out = engine.unregister(f["agent"])
         elif msg.verb == "DECODE":
@@ -153,7 +154,8 @@ def main(broker, vram_total, gpu_index, force_cpu, threads, heartbeat, liveness,
     device = open_device(gpu, gpu_index, declared, DEFAULT_VRAM_TOTAL)
     n_threads = threads or default_threads()
 
-    engine = Engine(n_threads, gpu=device.kind == "cuda", pinned=device.kind == "cuda")
+    engine = Engine(n_threads, gpu=device.kind == "cuda", pinned=device.kind == "cuda",
+                    process_bytes=lambda: device.read()["process_bytes"])
     worker = Worker(broker, device, engine, heartbeat, liveness)
     # Signal handlers do no work: they ask the loop to stop.
     signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "stop", True))
