@@ -42,15 +42,31 @@ class Ledger:
         self._allocated = 0
         self.admission_percent = admission_percent
         self.total_bytes = None
+        self.external_bytes = None
+        self.external_margin = 0
         if total_bytes is not None:
             self.set_total(total_bytes)
 
     @property
-    def max_bytes(self):
-        """The cap: admission percent of the device total (0 while the total is unknown)."""
+    def percent_cap(self):
+        """Admission percent of the device total (0 while the total is unknown)."""
         if self.total_bytes is None:
             return 0
         return self.total_bytes * self.admission_percent // 100
+
+    @property
+    def max_bytes(self):
+        """The cap: min(percent cap, total - bytes other processes hold - margin)."""
+        cap = self.percent_cap
+        if self.external_bytes is not None and self.total_bytes is not None:
+            cap = min(cap, max(self.total_bytes - self.external_bytes - self.external_margin, 0))
+        return cap
+
+    def set_external(self, nbytes, margin=0):
+        """Device bytes held outside this ledger (other processes), from a live reading."""
+        with self._lock:
+            self.external_bytes = None if nbytes is None else max(int(nbytes), 0)
+            self.external_margin = margin
 
     @property
     def allocated_bytes(self):
@@ -66,16 +82,25 @@ class Ledger:
 
     def try_reserve(self, key, nbytes):
         """Book nbytes under key if it fits; return None on success or a Denial."""
-        if nbytes < 0:
-            raise ValueError(f"cannot book negative bytes ({nbytes})")
+        return self.try_reserve_many({key: nbytes})
+
+    def try_reserve_many(self, wanted):
+        """Book every {key: bytes} or none of them; return None on success or a Denial."""
+        nbytes = sum(wanted.values())
+        if any(v < 0 for v in wanted.values()):
+            raise ValueError(f"cannot book negative bytes ({wanted})")
         with self._lock:
-            if key in self._bookings:
-                raise KeyError(f"ledger: {key!r} is already booked")
+            for key in wanted:
+                if key in self._bookings:
+                    raise KeyError(f"ledger: {key!r} is already booked")
             if self.total_bytes is None:
                 return Denial(Reason.NO_DEVICE_TOTAL, 0, self._allocated, nbytes)
             if self._allocated + nbytes > self.max_bytes:
-                return Denial(Reason.CAP, self.max_bytes, self._allocated, nbytes)
-            self._bookings[key] = nbytes
+                # Say which limit refused it: our own cap, or memory other processes took.
+                reason = Reason.CAP if self._allocated + nbytes > self.percent_cap \
+                    else Reason.OTHER_PROCESSES
+                return Denial(reason, self.max_bytes, self._allocated, nbytes)
+            self._bookings.update(wanted)
             self._allocated += nbytes
             return None
 
@@ -103,5 +128,7 @@ class Ledger:
                     "ledger_allocated_bytes": self._allocated,
                     "ledger_free_bytes": max(self.max_bytes - self._allocated, 0),
                     "admission_percent": self.admission_percent,
+                    "ledger_percent_cap_bytes": self.percent_cap,
+                    "external_bytes": self.external_bytes,
                     "device_total_bytes": self.total_bytes,
                     "bookings": dict(self._bookings)}

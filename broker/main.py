@@ -64,10 +64,21 @@ def _private_worker_endpoint():
 @click.option("--max-frame-bytes", default=1 << 20, show_default=True,
               help="Largest request body accepted (FRAME_TOO_LARGE past it).")
 @click.option("--max-n-predict", default=cfg.MAX_N_PREDICT, show_default=True)
+@click.option("--state-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "lmx"),
+              show_default=True, help="Where measured.json (what the worker really "
+              "allocated, per model file and parameters) is kept.")
+@click.option("--measure-margin", default=5, show_default=True, type=click.IntRange(0, 100),
+              help="Percent added to a measured figure when it replaces an estimate.")
+@click.option("--others-margin", callback=_size, default="256MiB", show_default=True,
+              help="Kept free below what other processes hold on the GPU.")
+@click.option("--simulate-others", type=click.Path(dir_okay=False), default=None,
+              help="CPU worker only: read the bytes 'other processes' hold from this file "
+              "(stands in for NVML in tests and demos).")
 @click.option("--log-level", default="INFO", show_default=True)
 def main(endpoint, worker_endpoint, vram_table, vram_total, admission_percent, spawn_worker,
          worker_cpu, threads, gpu_index, worker_overhead, worker_start_timeout, heartbeat,
-         liveness, queue_depth, default_n_ctx, max_frame_bytes, max_n_predict, log_level):
+         liveness, queue_depth, default_n_ctx, max_frame_bytes, max_n_predict, state_dir,
+         measure_margin, others_margin, simulate_others, log_level):
     """Run the lmx broker (and, by default, its worker) until SIGINT/SIGTERM."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     try:
@@ -87,6 +98,7 @@ def main(endpoint, worker_endpoint, vram_table, vram_total, admission_percent, s
     args += ["--vram-total", str(vram_total)] if vram_total else []
     args += ["--threads", str(threads)] if threads else []
     args += ["--cpu"] if worker_cpu else []
+    args += ["--simulate-others", os.path.abspath(simulate_others)] if simulate_others else []
     config = BrokerConfig(
         endpoint=endpoint, worker_endpoint=worker_endpoint,
         table=table, vram_total=vram_total, admission_percent=admission_percent,
@@ -94,7 +106,8 @@ def main(endpoint, worker_endpoint, vram_table, vram_total, admission_percent, s
         worker_start_timeout=worker_start_timeout, worker_overhead=worker_overhead,
         heartbeat_s=heartbeat, liveness=liveness, queue_depth=queue_depth,
         max_frame_bytes=max_frame_bytes, default_n_ctx=default_n_ctx,
-        max_n_predict=max_n_predict)
+        max_n_predict=max_n_predict, state_dir=state_dir, measure_margin_percent=measure_margin,
+        others_margin=others_margin)
     broker = Broker(config)
     # Signal handlers do no work: they ask the loop to stop.
     signal.signal(signal.SIGTERM, lambda *_: setattr(broker, "stop", True))

@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 import zmq
 
 from lmx.broker.estimate import estimate
+from lmx.broker.estimator import CUDA_OVERHEAD
 from lmx.broker.ledger import Ledger
+from lmx.broker.measured import MeasuredCache, with_margin
 from lmx.broker.workerlink import WorkerLink, is_alive
 from lmx.common import config as cfg
 from lmx.common import protocol
+from lmx.common.ctxspec import ContextSpec
 from lmx.common.errors import Code, LmxError, Reason
 from lmx.common.sockets import make_socket
 
@@ -44,11 +47,14 @@ class BrokerConfig:
     max_n_ctx: int = cfg.MAX_N_CTX
     max_n_predict: int = cfg.MAX_N_PREDICT
     max_prompt_bytes: int = cfg.MAX_PROMPT_BYTES
+    state_dir: str = ""                # measured.json lives here ("" keeps it in memory)
+    measure_margin_percent: int = 5    # booking after reconciliation = measured + this
+    others_margin: int = 256 << 20     # kept free below what other processes hold
 
 
 @dataclass
 class Agent:
-    """One registered agent as the broker books it."""
+    """One registered agent as the broker books it (its context; the weights are the model's)."""
 
     agent: str
     model: str
@@ -56,6 +62,9 @@ class Agent:
     n_ctx: int
     booked_bytes: int
     source: str
+    spec: dict = field(default_factory=dict)
+    estimated_bytes: int = None
+    measured_bytes: int = None
     state: str = "registering"          # registering -> ready -> leaving
     registered_at: float = field(default_factory=time.time)
     last_active: float = None
@@ -63,7 +72,19 @@ class Agent:
     generated_tokens: int = 0
 
 
-CUDA_OVERHEAD = 640 << 20  # CUDA context + cuBLAS workspace per process, measured on the H200
+@dataclass
+class ModelBooking:
+    """A model's weights, booked once while any agent uses it."""
+
+    path: str
+    fingerprint: str
+    booked_bytes: int
+    estimated_bytes: int
+    source: str
+    agents: set = field(default_factory=set)
+    measured_bytes: int = None
+
+
 
 
 def refuse_if_served(endpoint):
@@ -87,6 +108,9 @@ class Broker:
         self.ctx = ctx or zmq.Context()
         self.ledger = Ledger(None, config.admission_percent)
         self.agents = {}
+        self.models = {}
+        self.measured = MeasuredCache(os.path.join(config.state_dir, "measured.json")
+                                      if config.state_dir else "")
         self.client = None
         self.wsock = make_socket(self.ctx, zmq.ROUTER, config.worker_endpoint, bind=True)
         self.worker = WorkerLink(self.wsock, config.heartbeat_s, config.liveness,
@@ -134,6 +158,13 @@ class Broker:
             overhead = CUDA_OVERHEAD if dev.get("kind") == "cuda" else 0
         if overhead:
             self.ledger.force("worker:overhead", overhead)
+        self._read_external(dev)
+
+    def _read_external(self, dev):
+        """Memory other processes hold on the device lowers the cap (never evicts anyone)."""
+        used, own = dev.get("used_bytes"), dev.get("process_bytes")
+        if used is not None:
+            self.ledger.set_external(used - (own or 0), self.config.others_margin)
 
     def run(self):
         """Serve until stop is set (by a signal handler or a test)."""
@@ -205,36 +236,92 @@ class Broker:
     def on_register(self, identity, msg):
         """REGISTER: estimate, reserve, then ask the worker to build; reply when it has."""
         agent, model = msg.fields["agent"], msg.fields["model"]
-        n_ctx = msg.fields.get("n_ctx", self.config.default_n_ctx)
         self._check_agent_id(agent)
-        if not 64 <= n_ctx <= self.config.max_n_ctx:
+        spec = ContextSpec.from_fields(msg.fields, self._default_spec())
+        if spec.n_ctx > self.config.max_n_ctx:
             raise LmxError(Code.BAD_REQUEST, f"n_ctx must be in [64, {self.config.max_n_ctx}]",
                            Reason.BAD_VALUE, field="n_ctx")
         if agent in self.agents:
             raise LmxError(Code.AGENT_EXISTS, f"agent {agent!r} is already registered")
         self._check_queue()
-        est = estimate(model, n_ctx, self.config.table)
-        denial = self.ledger.try_reserve(f"agent:{agent}", est.bytes)
+        device = self.worker.device.get("kind", "cpu")
+        est = estimate(model, spec, self.config.table, device, self.measured)
+        mrec = self.models.get(est.path)
+        want = {f"agent:{agent}": est.context}
+        if mrec is None:
+            want[f"model:{est.path}"] = est.weights
+        denial = self.ledger.try_reserve_many(want)
         if denial is not None:
-            log.info("admission: denied agent=%s requested=%d allocated=%d max=%d", agent,
-                     est.bytes, denial.ledger_allocated_bytes, denial.ledger_max_bytes)
+            log.info("admission: denied agent=%s requested=%d allocated=%d max=%d reason=%s",
+                     agent, denial.requested_bytes, denial.ledger_allocated_bytes,
+                     denial.ledger_max_bytes, denial.reason)
             raise denial.error(f"agent {agent!r} on {model}")
-        rec = self.agents[agent] = Agent(agent, model, est.path, n_ctx, est.bytes, est.source)
-        log.info("admission: reserved agent=%s bytes=%d source=%s", agent, est.bytes,
-                 est.source)
+        if mrec is None:
+            mrec = self.models[est.path] = ModelBooking(
+                est.path, est.fingerprint, est.weights,
+                est.estimated.get("weights_device", est.weights), est.weights_source)
+        mrec.agents.add(agent)
+        rec = self.agents[agent] = Agent(agent, model, est.path, spec.n_ctx, est.context,
+                                         est.context_source, spec.as_dict(),
+                                         est.estimated.get("context_device", est.context))
+        log.info("admission: reserved agent=%s context=%d (%s) weights=%s (%s)", agent,
+                 est.context, est.context_source,
+                 est.weights if f"model:{est.path}" in want else "shared", est.weights_source)
 
         def done(result):
             if result.get("status") == "ok":
                 rec.state = "ready"
-                result.update(agent=agent, path=est.path, n_ctx=n_ctx, booked_bytes=est.bytes,
-                              estimate_source=est.source, estimate_parts=est.parts)
+                if result.get("model_loaded"):
+                    self._reconcile_model(mrec, result.get("model_measured") or {}, spec)
+                result.update(agent=agent, path=est.path, n_ctx=spec.n_ctx,
+                              booked_bytes=rec.booked_bytes, estimate_source=rec.source,
+                              model_booked_bytes=mrec.booked_bytes,
+                              weights_source=mrec.source, estimate=est.estimated)
             else:
                 self._unbook(agent, "register failed")
             self._send(identity, msg.id, dict(result, **self._ledger_numbers()))
 
-        self._submit("REGISTER", {"agent": agent, "path": est.path, "n_ctx": n_ctx}, done,
-                     on_error=lambda: self._unbook(agent, "register not queued"))
+        self._submit("REGISTER", {"agent": agent, "path": est.path, "spec": spec.as_dict()},
+                     done, on_error=lambda: self._unbook(agent, "register not queued"))
         return None
+
+    def _default_spec(self):
+        cuda = self.worker.device.get("kind") == "cuda"
+        return ContextSpec(n_ctx=self.config.default_n_ctx, n_gpu_layers=-1 if cuda else 0)
+
+    def _reconcile_model(self, mrec, measured, spec):
+        """Book the model's measured weights (+ margin), unless the operator table set them."""
+        nbytes = max(measured.get("device_bytes") or 0, measured.get("nvml_delta") or 0)
+        if not nbytes:
+            return
+        mrec.measured_bytes = nbytes
+        device = self.worker.device.get("kind", "cpu")
+        self.measured.store_weights(mrec.fingerprint, device, ContextSpec(
+            n_gpu_layers=spec.n_gpu_layers), with_margin(nbytes, self.config.
+                                                         measure_margin_percent))
+        self._rebook(f"model:{mrec.path}", mrec, nbytes, keep=mrec.source == "table")
+
+    def _reconcile_context(self, rec, measured):
+        """Book an agent's measured context (+ margin) and remember it for the next REGISTER."""
+        nbytes = max(measured.get("device_bytes") or 0, measured.get("nvml_delta") or 0)
+        if not nbytes or rec.agent not in self.agents:
+            return
+        rec.measured_bytes = nbytes
+        mrec = self.models.get(rec.path)
+        self.measured.store_context(mrec.fingerprint if mrec else "", self.worker.device.get(
+            "kind", "cpu"), ContextSpec(**rec.spec), with_margin(
+            nbytes, self.config.measure_margin_percent))
+        self._rebook(f"agent:{rec.agent}", rec, nbytes)
+
+    def _rebook(self, key, rec, measured, keep=False):
+        booked = with_margin(measured, self.config.measure_margin_percent)
+        est = rec.estimated_bytes or 0
+        log.info("reconcile: %s estimated=%d measured=%d (%+.1f%%) booked=%d%s", key, est,
+                 measured, 100.0 * (est - measured) / measured, rec.booked_bytes if keep
+                 else booked, " (operator table kept)" if keep else "")
+        if not keep and self.ledger.booked(key) is not None:
+            self.ledger.force(key, booked)
+            rec.booked_bytes = booked
 
     def on_unregister(self, identity, msg):
         """UNREGISTER: free the worker's slot, then release the agent's bytes."""
@@ -271,6 +358,8 @@ class Broker:
         t0 = time.monotonic()
 
         def done(result):
+            if result.get("context_measured"):
+                self._reconcile_context(rec, result["context_measured"])
             if result.get("status") == "ok":
                 rec.decodes += 1
                 rec.generated_tokens += result.get("generated_tokens", 0)
@@ -289,6 +378,8 @@ class Broker:
         return {"version": VERSION, "protocol": list(protocol.PROTOCOL_VERSION),
                 "endpoint": self.config.endpoint, "uptime_s": round(time.time() - self.started, 1),
                 **self._ledger_numbers(), "admission_percent": self.ledger.admission_percent,
+                "ledger_percent_cap_bytes": self.ledger.percent_cap,
+                "external_bytes": self.ledger.external_bytes,
                 "bookings": self.ledger.snapshot()["bookings"],
                 "device_kind": dev.get("kind"), "device_name": dev.get("name"),
                 "device_source": dev.get("source"),
@@ -317,15 +408,19 @@ class Broker:
 
     def _models(self):
         refs = self.worker.engine.get("models", {})
-        out = {}
-        for a in self.agents.values():
-            m = out.setdefault(a.path, {"path": a.path, "agents": 0, "booked_bytes": 0})
-            m["agents"] += 1
-            m["booked_bytes"] += a.booked_bytes
+        out = []
+        for path, m in sorted(self.models.items()):
+            ctx = [self.agents[a] for a in m.agents if a in self.agents]
+            out.append({"path": path, "agents": len(m.agents), "booked_bytes": m.booked_bytes,
+                        "estimated_bytes": m.estimated_bytes, "measured_bytes": m.measured_bytes,
+                        "source": m.source,
+                        "context_booked_bytes": sum(a.booked_bytes for a in ctx),
+                        "worker_refs": refs.get(path, {}).get("refs", 0)})
         for path, info in refs.items():
-            out.setdefault(path, {"path": path, "agents": 0, "booked_bytes": 0})
-            out[path]["worker_refs"] = info.get("refs", 0)
-        return sorted(out.values(), key=lambda m: m["path"])
+            if path not in self.models:      # held by the worker but booked by nobody: a bug
+                out.append({"path": path, "agents": 0, "booked_bytes": 0,
+                            "worker_refs": info.get("refs", 0)})
+        return out
 
     def _check_agent_id(self, agent):
         if not cfg.AGENT_ID_RE.match(agent):
@@ -347,8 +442,15 @@ class Broker:
         return rec
 
     def _unbook(self, agent, why):
-        self.agents.pop(agent, None)
+        """Drop an agent's context booking, and its model's when it was the last user."""
+        rec = self.agents.pop(agent, None)
         freed = self.ledger.release(f"agent:{agent}")
+        mrec = self.models.get(rec.path) if rec else None
+        if mrec is not None:
+            mrec.agents.discard(agent)
+            if not mrec.agents:
+                freed += self.ledger.release(f"model:{mrec.path}")
+                del self.models[mrec.path]
         log.info("admission: released agent=%s bytes=%d (%s)", agent, freed, why)
         return freed
 
@@ -371,6 +473,8 @@ class Broker:
             return
         was_ready = self.worker.state == "ready"
         finished = self.worker.on_message(identity, msg, time.monotonic())
+        if msg.verb == "HEARTBEAT" and msg.fields.get("device"):
+            self._read_external(msg.fields["device"])
         if msg.verb == "READY" and self.worker.state == "ready" and not was_ready:
             self._adopt_device()
             self._backoff = 1.0

@@ -29,6 +29,8 @@ class Reason:
 
     CAP = "CAP"                            # VRAM_LEDGER_DENY: allocated + requested > cap
     NO_DEVICE_TOTAL = "NO_DEVICE_TOTAL"    # VRAM_LEDGER_DENY: the worker has not reported a size
+    OTHER_PROCESSES = "OTHER_PROCESSES"    # VRAM_LEDGER_DENY: fits our cap, but other processes
+                                           # on the device left too little free
     UNKNOWN_KEY = "UNKNOWN_KEY"            # MODEL_ERROR
     NOT_FOUND = "NOT_FOUND"
     NOT_GGUF = "NOT_GGUF"

@@ -44,7 +44,9 @@ CLIENT_VERBS = {
     "HELP": {},
     "STATUS": {},
     "LIST": {},
-    "REGISTER": {"agent": Field(str), "model": Field(str), "n_ctx": Field(int, False)},
+    "REGISTER": {"agent": Field(str), "model": Field(str), "n_ctx": Field(int, False),
+                 "flash_attn": Field(bool, False), "type_k": Field(str, False),
+                 "type_v": Field(str, False), "swa_full": Field(bool, False)},
     "UNREGISTER": {"agent": Field(str)},
     "DECODE": {"agent": Field(str), "prompt": Field(str), "n_predict": Field(int)},
 }
@@ -69,7 +71,8 @@ VERB_HELP = {
     "HELP": "list the verbs and their fields",
     "STATUS": "ledger, device totals, worker pid/state, agents and models",
     "LIST": "registered agents with their model, bytes and state",
-    "REGISTER": "agent, model (table key or GGUF path), n_ctx?: admit and build an agent",
+    "REGISTER": "agent, model (table key or GGUF path), n_ctx?, flash_attn?, type_k?, type_v?, "
+                "swa_full?: admit and build an agent",
     "UNREGISTER": "agent: release the agent's bytes, slot and model reference",
     "DECODE": "agent, prompt, n_predict: greedy-decode continuing the agent's conversation",
 }
@@ -157,7 +160,8 @@ def _check_fields(verb, body, schema):
                                Reason.MISSING_FIELD, field=name)
             continue
         value = body[name]
-        if isinstance(value, bool) or not isinstance(value, spec.types):
+        if (isinstance(value, bool) and bool not in spec.types) or \
+                not isinstance(value, spec.types):
             want = "/".join(t.__name__ for t in spec.types)
             raise LmxError(Code.BAD_REQUEST, f"field '{name}' must be {want}",
                            Reason.BAD_TYPE, field=name)

@@ -53,7 +53,7 @@ class BrokerProc:
         self.log_path = self.dir / f"{name}.log"
         self.log = open(self.log_path, "wb")
         cmd = [sys.executable, "-m", "lmx.broker.main", "--endpoint", self.endpoint,
-               "--threads", "2", *args]
+               "--threads", "2", "--state-dir", str(self.dir / f"{name}-state"), *args]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         wait_until(self._answers, timeout=60, what=f"broker on {self.endpoint}")
 

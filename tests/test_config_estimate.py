@@ -3,6 +3,7 @@ import pytest
 
 from lmx.broker import estimate as est
 from lmx.common.config import load_model_table, parse_size
+from lmx.common.ctxspec import ContextSpec
 from lmx.common.errors import Code, LmxError, Reason
 from ggufs import write_no_shape, write_unknown_arch
 
@@ -44,23 +45,25 @@ def test_the_shipped_example_table_parses():
     assert all(e.path.endswith(".gguf") for e in entries.values())
 
 
-def test_table_key_wins_and_path_lookup_finds_the_entry(tmp_path, smol_path):
+def test_table_sets_the_weights_and_the_estimator_the_context(tmp_path, smol_path):
     table = tmp_path / "t.txt"
     table.write_text(f"smol {smol_path} 300MiB\n")
     entries = load_model_table(table)
-    by_key = est.estimate("smol", 2048, entries)
-    by_path = est.estimate(smol_path, 2048, entries)
-    assert by_key.bytes == by_path.bytes == 300 << 20
-    assert by_key.source == by_path.source == "table"
+    by_key = est.estimate("smol", ContextSpec(n_ctx=2048), entries)
+    by_path = est.estimate(smol_path, ContextSpec(n_ctx=2048), entries)
+    assert by_key.weights == by_path.weights == 300 << 20
+    assert by_key.weights_source == "table" and by_key.context_source == "estimator"
+    assert by_key.context == by_path.context > 45 << 20          # 45 MiB of KV at least
 
 
-def test_conservative_bound_grows_with_context(smol_path):
-    small = est.estimate(smol_path, 512, {})
-    large = est.estimate(smol_path, 8192, {})
-    assert small.source == "conservative"
+def test_context_grows_with_n_ctx_by_the_kv_rule(smol_path):
+    small = est.estimate(smol_path, ContextSpec(n_ctx=512), {})
+    large = est.estimate(smol_path, ContextSpec(n_ctx=8192), {})
+    assert small.weights_source == "estimator" and small.weights == large.weights
     # 30 layers x 3 KV heads x (64 + 64) x 2 bytes per cell, 8192 - 512 more cells
-    assert large.parts["kv"] - small.parts["kv"] == 30 * 3 * 128 * 2 * (8192 - 512)
-    assert large.bytes > small.bytes > small.parts["weights"]
+    kv = lambda e: e.estimated["kv"]  # noqa: E731
+    assert kv(large) - kv(small) == 30 * 3 * 128 * 2 * (8192 - 512)
+    assert large.context > small.context
 
 
 @pytest.mark.parametrize("make,reason", [
@@ -69,13 +72,13 @@ def test_conservative_bound_grows_with_context(smol_path):
 ])
 def test_bad_files_are_refused_before_booking(tmp_path, make, reason):
     with pytest.raises(LmxError) as info:
-        est.estimate(str(make(tmp_path)), 512, {})
+        est.estimate(str(make(tmp_path)), ContextSpec(), {})
     assert info.value.code == Code.MODEL_ERROR and info.value.reason == reason
 
 
 def test_unknown_key_is_refused():
     with pytest.raises(LmxError) as info:
-        est.estimate("nosuchkey", 512, {})
+        est.estimate("nosuchkey", ContextSpec(), {})
     assert info.value.reason == Reason.UNKNOWN_KEY
 
 
@@ -83,19 +86,29 @@ def test_truncated_gguf_is_corrupt(tmp_path, smol_path):
     broken = tmp_path / "t.gguf"
     broken.write_bytes(open(smol_path, "rb").read(1 << 16))
     with pytest.raises(LmxError) as info:
-        est.estimate(str(broken), 512, {})
+        est.estimate(str(broken), ContextSpec(), {})
     assert info.value.reason == Reason.CORRUPT
 
 
-def test_missing_shape_keys_fall_back(tmp_path):
-    path = write_no_shape(tmp_path / "noshape.gguf")
-    e = est.estimate(str(path), 1000, {})
+@pytest.mark.parametrize("writer", [write_no_shape, write_unknown_arch])
+def test_metadata_it_cannot_read_gets_the_documented_fallback(tmp_path, writer):
+    path = writer(tmp_path / "x.gguf")
+    e = est.estimate(str(path), ContextSpec(n_ctx=1000), {})
     size = path.stat().st_size
-    assert e.source == "fallback"
-    assert e.bytes == 2 * size + 1024 * est.FALLBACK_PER_TOKEN
+    assert e.weights_source == e.context_source == "fallback"
+    assert e.weights == 2 * size
+    assert e.context == 1024 * est.FALLBACK_PER_TOKEN + est.FALLBACK_CONTEXT_BASE
 
 
-def test_unknown_architecture_still_gets_a_figure(tmp_path):
-    path = write_unknown_arch(tmp_path / "odd.gguf")
-    e = est.estimate(str(path), 512, {})
-    assert e.bytes > path.stat().st_size
+def test_measured_figures_replace_estimates(tmp_path, smol_path):
+    from lmx.broker.measured import MeasuredCache
+    cache = MeasuredCache(str(tmp_path / "m.json"))
+    spec = ContextSpec(n_ctx=2048)
+    first = est.estimate(smol_path, spec, {}, "cpu", cache)
+    cache.store_weights(first.fingerprint, "cpu", spec, 111)
+    cache.store_context(first.fingerprint, "cpu", spec, 222)
+    again = est.estimate(smol_path, spec, {}, "cpu", MeasuredCache(str(tmp_path / "m.json")))
+    assert (again.weights, again.weights_source) == (111, "measured")
+    assert (again.context, again.context_source) == (222, "measured")
+    other = est.estimate(smol_path, ContextSpec(n_ctx=4096), {}, "cpu", cache)
+    assert other.context_source == "estimator"          # other parameters, other figure

@@ -15,7 +15,7 @@ def test_walk_through_the_probe(shared_broker):
     ep = shared_broker.endpoint
     r = probe(ep, "REGISTER", "p1", "smol")
     assert r.returncode == 0, r.stderr
-    assert "status: ok" in r.stdout and "booked_bytes: 268435456" in r.stdout
+    assert "status: ok" in r.stdout and "model_booked_bytes: 268435456" in r.stdout
     r = probe(ep, "DECODE", "p1", "8", "Hello, my name is")
     assert r.returncode == 0
     lines = r.stdout.splitlines()

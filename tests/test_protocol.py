@@ -15,6 +15,8 @@ def roundtrip(verb, **fields):
     ("HELP", {}), ("STATUS", {}), ("LIST", {}),
     ("REGISTER", {"agent": "a", "model": "smol"}),
     ("REGISTER", {"agent": "a", "model": "smol", "n_ctx": 4096}),
+    ("REGISTER", {"agent": "a", "model": "m", "flash_attn": False, "type_k": "q8_0",
+                  "type_v": "f16", "swa_full": True}),
     ("UNREGISTER", {"agent": "a"}),
     ("DECODE", {"agent": "a", "prompt": "hi", "n_predict": 3}),
 ])
@@ -28,7 +30,8 @@ def test_worker_messages_round_trip():
     msg = protocol.decode_message(frames, protocol.WORKER_EVENTS)
     assert msg.fields == {"status": "ok", "text": "x", "engine": {}}
     msg = protocol.decode_message(protocol.encode_request("REGISTER", 1, agent="a", path="/m",
-                                                          n_ctx=512), protocol.WORKER_JOBS)
+                                                          spec={"n_ctx": 512}),
+                                  protocol.WORKER_JOBS)
     assert msg.fields["path"] == "/m"
 
 

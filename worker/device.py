@@ -13,11 +13,25 @@ class DeclaredDevice:
     kind = "cpu"
     source = "declared"
 
-    def __init__(self, total_bytes):
+    def __init__(self, total_bytes, others_file=None):
         self.total = int(total_bytes)
+        self.others_file = others_file
+
+    def _others(self):
+        try:
+            with open(self.others_file) as fh:
+                return int(fh.read().strip() or 0)
+        except (OSError, ValueError):
+            return 0
 
     def read(self):
-        """Totals as STATUS shows them; a declared device has no 'used' reading."""
+        """Totals as STATUS shows them; a declared device has no 'used' reading unless
+        other processes are simulated (the CPU stand-in for NVML)."""
+        if self.others_file:
+            used = self._others()
+            return {"kind": self.kind, "source": "declared+simulated",
+                    "name": "cpu (declared size)", "total_bytes": self.total,
+                    "used_bytes": used, "free_bytes": self.total - used, "process_bytes": 0}
         return {"kind": self.kind, "source": self.source, "name": "cpu (declared size)",
                 "total_bytes": self.total, "used_bytes": None, "free_bytes": None,
                 "process_bytes": None}
@@ -57,14 +71,15 @@ class NvmlDevice:
                 "free_bytes": info.free, "process_bytes": self._process_bytes()}
 
 
-def open_device(gpu_offload, gpu_index=0, declared_total=None, default_total=8 << 30):
+def open_device(gpu_offload, gpu_index=0, declared_total=None, default_total=8 << 30,
+                others_file=None):
     """NVML device when llama.cpp can offload and NVML sees a GPU, else a declared CPU device."""
     if gpu_offload:
         try:
             return NvmlDevice(gpu_index, declared_total)
         except Exception as exc:  # no driver, no device: run on CPU instead
             log.warning("worker: llama.cpp has GPU offload but NVML failed (%s); using CPU", exc)
-    return DeclaredDevice(declared_total or default_total)
+    return DeclaredDevice(declared_total or default_total, others_file)
 
 
 class HostBuffer:

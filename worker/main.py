@@ -139,11 +139,16 @@ class Worker:
 @click.option("--threads", default=None, type=int, help="llama.cpp threads [default: the "
               "cores this process may use].")
 @click.option("--heartbeat", default=DEFAULT_HEARTBEAT_S, show_default=True,
-              help="Heartbeat interval in seconds.")
+              help="Heartbeat interval in seconds; each heartbeat carries a fresh device "
+              "reading (NVML on a GPU), so this is also the NVML timer.")
 @click.option("--liveness", default=DEFAULT_LIVENESS, show_default=True,
               help="Silent intervals before the broker is declared gone.")
+@click.option("--simulate-others", type=click.Path(dir_okay=False), default=None,
+              help="CPU only: the bytes other processes hold, read from this file at every "
+              "reading (stands in for NVML where there is no GPU).")
 @click.option("--log-level", default="INFO", show_default=True)
-def main(broker, vram_total, gpu_index, force_cpu, threads, heartbeat, liveness, log_level):
+def main(broker, vram_total, gpu_index, force_cpu, threads, heartbeat, liveness,
+         simulate_others, log_level):
     """Run one lmx worker: the llama.cpp backend for one GPU (or the CPU)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     try:
@@ -151,7 +156,7 @@ def main(broker, vram_total, gpu_index, force_cpu, threads, heartbeat, liveness,
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--vram-total")
     gpu = llama_cpp.llama_supports_gpu_offload() and not force_cpu
-    device = open_device(gpu, gpu_index, declared, DEFAULT_VRAM_TOTAL)
+    device = open_device(gpu, gpu_index, declared, DEFAULT_VRAM_TOTAL, simulate_others)
     n_threads = threads or default_threads()
 
     engine = Engine(n_threads, gpu=device.kind == "cuda", pinned=device.kind == "cuda",
