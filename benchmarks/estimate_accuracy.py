@@ -58,7 +58,8 @@ def err(est, real):
 @click.option("--kv-type", "kv_types", multiple=True, default=("f16",), show_default=True)
 @click.option("--swa-full/--no-swa-full-sweep", default=True, help="Also sweep swa_full on.")
 @click.option("--json", "as_json", is_flag=True)
-def main(models, n_ctxs, kv_types, swa_full, as_json):
+@click.option("--markdown", is_flag=True, help="One markdown table of device totals.")
+def main(models, n_ctxs, kv_types, swa_full, as_json, markdown):
     """Compare estimate and measurement cell by cell."""
     gpu = llama_cpp.llama_supports_gpu_offload()
     device = open_device(gpu)
@@ -66,6 +67,10 @@ def main(models, n_ctxs, kv_types, swa_full, as_json):
     engine = Engine(len(os.sched_getaffinity(0)), gpu=cuda, pinned=False,
                     process_bytes=lambda: device.read()["process_bytes"])
     rows = []
+    if cuda:
+        # Pay the CUDA context and cuBLAS workspace once, so NVML deltas below are buffers only.
+        for _ in measure(engine, models[0], [ContextSpec(n_ctx=256)], cuda):
+            pass
     for path in models:
         shape = shape_from_metadata(read_metadata(path, with_tensors=True))
         specs = [ContextSpec(n_ctx=n, flash_attn=fa, swa_full=sf, type_k=kv,
@@ -80,19 +85,35 @@ def main(models, n_ctxs, kv_types, swa_full, as_json):
             kv_real = _part(ctx["buffers"], "KV", cuda)
             c_real = _part(ctx["buffers"], "compute", cuda)
             nvml = (model.nvml_delta or 0) + (ctx["nvml_delta"] or 0) if cuda else None
+            est_dev = est.weights_device + est.kv + est.compute
+            real = w_real + kv_real + c_real
             rows.append({"model": os.path.basename(path), "n_ctx": spec.n_ctx,
                          "flash_attn": spec.flash_attn, "swa_full": spec.swa_full,
                          "kv_type": spec.type_k, "weights_est": est.weights_device,
                          "weights_real": w_real, "kv_est": est.kv, "kv_real": kv_real,
                          "cpu_repack": sum(v for k, v in model.buffers.items() if "REPACK" in k),
                          "compute_est": est.compute, "compute_real": c_real,
-                         "total_est": est.device_total, "total_real": w_real + kv_real + c_real,
-                         "nvml_delta": nvml, "compute_err_pct": err(est.compute, c_real),
+                         "est_device": est_dev, "real_buffers": real,
+                         "err_buffers_pct": err(est_dev, real), "nvml_delta": nvml,
+                         "err_nvml_pct": err(est_dev, nvml) if nvml else None,
+                         "compute_err_pct": err(est.compute, c_real),
                          "kv_err_pct": err(est.kv, kv_real),
                          "weights_err_pct": err(est.weights_device, w_real)})
     engine.close()
     if as_json:
         click.echo(json.dumps({"device": device.read(), "rows": rows}, indent=1))
+        return
+    if markdown:
+        click.echo(f"device: {device.read()['name']}\n")
+        click.echo("| model | n_ctx | flash attn | estimate MiB | llama.cpp buffers MiB | "
+                   "error % | NVML delta MiB | error vs NVML % |")
+        click.echo("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+        for r in rows:
+            nv = f"{r['nvml_delta'] / 2**20:.1f}" if r["nvml_delta"] else "-"
+            click.echo(f"| {r['model']} | {r['n_ctx']} | {'on' if r['flash_attn'] else 'off'}"
+                       f" | {r['est_device'] / 2**20:.1f} | {r['real_buffers'] / 2**20:.1f} | "
+                       f"{r['err_buffers_pct']:+.2f} | {nv} | "
+                       f"{'-' if r['err_nvml_pct'] is None else format(r['err_nvml_pct'], '+.2f')} |")
         return
     mib = lambda b: f"{b / 2**20:9.2f}"  # noqa: E731
     click.echo(f"device: {device.read()['name']}")
