@@ -59,7 +59,9 @@ def err(est, real):
 @click.option("--swa-full/--no-swa-full-sweep", default=True, help="Also sweep swa_full on.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--markdown", is_flag=True, help="One markdown table of device totals.")
-def main(models, n_ctxs, kv_types, swa_full, as_json, markdown):
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the rows as JSON to this file.")
+def main(models, n_ctxs, kv_types, swa_full, as_json, markdown, json_out):
     """Compare estimate and measurement cell by cell."""
     gpu = llama_cpp.llama_supports_gpu_offload()
     device = open_device(gpu)
@@ -100,6 +102,9 @@ def main(models, n_ctxs, kv_types, swa_full, as_json, markdown):
                          "kv_err_pct": err(est.kv, kv_real),
                          "weights_err_pct": err(est.weights_device, w_real)})
     engine.close()
+    if json_out:
+        with open(json_out, "w") as fh:
+            json.dump({"device": device.read(), "rows": rows}, fh, indent=1)
     if as_json:
         click.echo(json.dumps({"device": device.read(), "rows": rows}, indent=1))
         return

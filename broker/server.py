@@ -158,6 +158,7 @@ class Broker:
             overhead = CUDA_OVERHEAD if dev.get("kind") == "cuda" else 0
         if overhead:
             self.ledger.force("worker:overhead", overhead)
+        self._overhead_estimated = self.config.worker_overhead is None
         self._read_external(dev)
 
     def _read_external(self, dev):
@@ -300,6 +301,20 @@ class Broker:
             n_gpu_layers=spec.n_gpu_layers), with_margin(nbytes, self.config.
                                                          measure_margin_percent))
         self._rebook(f"model:{mrec.path}", mrec, nbytes, keep=mrec.source == "table")
+
+    def _reconcile_overhead(self, engine):
+        """The worker's own device bytes (CUDA context, cuBLAS, pools): NVML's reading of the
+        process minus the buffers llama.cpp reported. Raised when it grows, never lowered."""
+        process, known = engine.get("process_bytes"), engine.get("known_device_bytes")
+        if process is None or known is None or self.config.worker_overhead is not None:
+            return
+        booked = with_margin(max(process - known, 0), self.config.measure_margin_percent)
+        current = self.ledger.booked("worker:overhead") or 0
+        if booked > current or self._overhead_estimated:
+            log.info("reconcile: worker:overhead booked=%d measured=%d (process %d - buffers %d)",
+                     booked, process - known, process, known)
+            self.ledger.force("worker:overhead", booked)
+            self._overhead_estimated = False
 
     def _reconcile_context(self, rec, measured):
         """Book an agent's measured context (+ margin) and remember it for the next REGISTER."""
@@ -481,6 +496,7 @@ class Broker:
         if finished is not None:
             job, result = finished
             job.done(result)
+            self._reconcile_overhead(self.worker.engine)
         self.worker.pump(time.monotonic())
 
     def _check_worker(self, now):

@@ -104,6 +104,7 @@ class Engine:
         self.pinned = pinned
         self.models = {}
         self.slots = {}
+        self.loads = 0
         self.live = None          # the Slot whose context is live
         self.ctx = None
         self.llama_log = LlamaLog()
@@ -126,6 +127,11 @@ class Engine:
                                Reason.LOAD_FAILED, path=path)
             model = Model(path, ptr, (time.perf_counter() - t0) * 1000,
                           self.llama_log.buffers(), _delta(before, self.process_bytes()))
+            if not self.loads:
+                # The first load in a process also creates the CUDA context: its NVML delta is
+                # not the model's (the broker books the context as the worker's overhead).
+                model.nvml_delta = None
+            self.loads += 1
             self.models[path] = model
             log.info("worker: loaded %s in %.0f ms", path, model.load_ms)
         model.refs += 1
@@ -309,7 +315,11 @@ class Engine:
 
     def summary(self):
         """What STATUS shows of this worker: models with refs, agents, the live one."""
+        known = sum(device_bytes(m.buffers, self.gpu) for m in self.models.values())
+        if self.live is not None and self.live.measured:
+            known += self.live.measured["device_bytes"]
         return {"live_agent": self.live.agent if self.live else None,
+                "known_device_bytes": known, "process_bytes": self.process_bytes(),
                 "models": {p: {"refs": m.refs, "buffers": m.buffers}
                            for p, m in self.models.items()},
                 "slots": {a: {"model": s.model.path, "n_ctx": s.n_ctx, "n_past": s.n_past,
