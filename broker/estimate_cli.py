@@ -24,8 +24,8 @@ ROWS = [("weights_device", "weights on the device"), ("weights_host", "weights o
 @click.option("--n-batch", default=512, show_default=True)
 @click.option("--n-ubatch", default=512, show_default=True)
 @click.option("--n-seq", default=1, show_default=True)
-@click.option("--n-outputs-max", default=1, show_default=True,
-              help="Logits kept per batch (lmx's worker uses 1; llama.cpp's default is n_batch).")
+@click.option("--n-outputs-max", default=None, type=int, help="Logits kept per batch "
+              "[default: n_seq; lmx's worker keeps 1 per sequence, llama.cpp's default is n_batch].")
 @click.option("--type-k", type=click.Choice(list(KV_TYPES)), default="f16", show_default=True)
 @click.option("--type-v", type=click.Choice(list(KV_TYPES)), default="f16", show_default=True)
 @click.option("--flash-attn/--no-flash-attn", default=True, show_default=True)
@@ -42,6 +42,7 @@ def main(model, n_ctx, n_batch, n_ubatch, n_seq, n_outputs_max, type_k, type_v, 
         shape = shape_from_metadata(read_metadata(model, with_tensors=True))
         if n_ctx == 0:
             n_ctx = shape.n_ctx_train
+        n_outputs_max = n_outputs_max or n_seq
         spec = ContextSpec(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq=n_seq,
                            type_k=type_k, type_v=type_v, flash_attn=flash_attn,
                            swa_full=swa_full, n_outputs_max=n_outputs_max,

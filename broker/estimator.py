@@ -5,11 +5,11 @@ Pure: reads no weights, touches no GPU, knows no sockets. Each rule cites the ll
 
 - context sizing (src/llama-context.cpp, constructor): n_ctx = 0 means the trained context;
   n_ctx is padded to a multiple of 256; n_batch = min(n_ctx, n_batch), n_ubatch =
-  min(n_batch, n_ubatch); with one KV stream (unified) n_ctx_seq = n_ctx.
+  min(n_batch, n_ubatch); n_seq > 1 gives n_seq KV streams of pad(n_ctx / n_seq, 256) cells.
 - KV cache (src/llama-kv-cache.cpp, src/llama-kv-cache-iswa.cpp): bytes = sum over layers of
   cells(layer) x (row(type_k, Dk*Hkv(layer)) + row(type_v, Dv*Hkv(layer))). Without flash
   attention V is stored transposed and its rows use the largest Dv*Hkv of any layer. SWA layers
-  hold pad(min(n_ctx, n_swa + n_ubatch), 256) cells unless swa_full.
+  hold pad(min(n_ctx_seq, n_swa + n_ubatch), 256) cells per stream unless swa_full.
 - SWA layers (src/llama-hparams.cpp set_swa_pattern, models/<arch>.cpp): a per-layer array
   `{arch}.attention.sliding_window_pattern`, else a period p (gemma2 2, gemma3 6, cohere2 4,
   llama4 4, overridable by an integer key) where layer il is SWA when il % p < p - 1.
@@ -159,22 +159,30 @@ def weight_bytes(shape, n_gpu_layers, cuda):
 
 @dataclass(frozen=True)
 class Sizing:
-    """llama.cpp's effective context sizes for a spec."""
+    """llama.cpp's effective context sizes for a spec (cells are per KV stream)."""
 
     n_ctx: int
     n_batch: int
     n_ubatch: int
     swa_cells: int
     n_outputs: int
+    n_ctx_seq: int = 0
+    streams: int = 1
 
 
 def sizing(shape, spec):
-    """Apply llama.cpp's padding and clamping to a ContextSpec."""
+    """Apply llama.cpp's padding and clamping to a ContextSpec.
+
+    lmx builds non-unified KV caches (llama.cpp's default): n_seq streams of
+    n_ctx_seq = pad(n_ctx / n_seq, 256) cells each.
+    """
     n_ctx = pad(spec.n_ctx or shape.n_ctx_train, 256)
     n_batch = min(n_ctx, spec.n_batch)
     n_ubatch = min(n_batch, spec.n_ubatch)
-    swa = n_ctx if spec.swa_full else pad(min(n_ctx, shape.n_swa * spec.n_seq + n_ubatch), 256)
-    return Sizing(n_ctx, n_batch, n_ubatch, swa, min(spec.n_outputs_max, n_batch))
+    n_ctx_seq = n_ctx if spec.n_seq == 1 else pad(n_ctx // spec.n_seq, 256)
+    swa = n_ctx_seq if spec.swa_full else pad(min(n_ctx_seq, shape.n_swa + n_ubatch), 256)
+    return Sizing(n_ctx, n_batch, n_ubatch, swa, min(spec.n_outputs_max, n_batch), n_ctx_seq,
+                  spec.n_seq)
 
 
 def kv_bytes(shape, spec, size):
@@ -182,7 +190,7 @@ def kv_bytes(shape, spec, size):
     dv_max = max(shape.d_v * h for h in shape.n_head_kv)
     total = 0
     for il in range(shape.n_layer):
-        cells = size.swa_cells if shape.swa_layers[il] else size.n_ctx
+        cells = size.streams * (size.swa_cells if shape.swa_layers[il] else size.n_ctx_seq)
         hkv = shape.n_head_kv[il]
         v_row = shape.d_v * hkv if spec.flash_attn else dv_max
         total += cells * (kv_row_bytes(spec.type_k, shape.d_k * hkv) +
@@ -201,7 +209,7 @@ def compute_bytes(shape, spec, size, cuda=True):
     conversion (CPU flash attention) or f16 copies of K and V (CUDA flash attention).
     """
     t, e, h = size.n_ubatch, shape.n_embd, shape.n_head
-    n_kv = size.n_ctx
+    n_kv = size.n_ctx_seq
     per_cell = 2 if spec.flash_attn else 4
     masks = n_kv * t * per_cell + (size.swa_cells * t * per_cell if any(shape.swa_layers) else 0)
     c_out = 4 * size.n_outputs * shape.n_vocab + 8 * e * t

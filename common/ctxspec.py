@@ -67,8 +67,9 @@ class ContextSpec:
             bad("n_batch", "and n_ubatch must satisfy 1 <= n_ubatch <= n_batch <= 8192")
         if not 1 <= self.n_seq <= 64:
             bad("n_seq", "must be in [1, 64]")
-        if self.n_outputs_max < 1:
-            bad("n_outputs_max", "must be >= 1")
+        if not self.n_seq <= self.n_outputs_max <= self.n_batch:
+            # llama.cpp aborts the process (GGML_ASSERT in output_reserve) when n_seq exceeds it
+            bad("n_outputs_max", "must be in [n_seq, n_batch]")
         if self.n_gpu_layers < -1:
             bad("n_gpu_layers", "must be -1 (all) or >= 0")
         for name in ("type_k", "type_v"):

@@ -113,3 +113,31 @@ def test_cuda_placement_rules(smol_path):
     assert one.weights_device == tensor_bytes(embd[1], embd[2], True) + \
         sum(tensor_bytes(ne, t, True) for n, ne, t in shape.tensors if n.startswith("output"))
     assert full.overhead > 0 and estimate(shape, spec, "cpu").overhead == 0
+
+
+@pytest.mark.parametrize("n_seq", [2, 4])
+def test_several_sequences_use_per_stream_caches(engine, smol_path, gemma_path, n_seq):
+    for path in (smol_path, gemma_path):
+        shape = shape_from_metadata(read_metadata(path, with_tensors=True))
+        spec = ContextSpec(n_ctx=4096, n_seq=n_seq, n_outputs_max=n_seq)
+        engine.register("s", path, spec)
+        try:
+            slot = engine.slots["s"]
+            engine._new_ctx(slot)
+            bufs = dict(slot.ctx_buffers)
+            engine._free_ctx()
+        finally:
+            engine.unregister("s")
+        est = estimate(shape, spec, "cpu")
+        assert abs(est.kv - _parts(bufs, "KV")) <= LOG_ROUNDING
+        assert _parts(bufs, "compute") <= est.compute <= 1.15 * _parts(bufs, "compute")
+
+
+def test_specs_llama_cpp_would_abort_on_are_refused():
+    from lmx.common.errors import LmxError
+    for bad in (dict(n_seq=2), dict(n_ctx=32), dict(type_k="q2_k"),
+                dict(type_v="q8_0", flash_attn=False), dict(n_ubatch=1024, n_batch=512),
+                dict(flash_attn="yes")):
+        with pytest.raises(LmxError):
+            ContextSpec.from_fields(bad)
+    assert ContextSpec.from_fields({"n_seq": 2, "n_outputs_max": 2}).n_seq == 2
