@@ -403,6 +403,8 @@ class Broker:
                 "device_free_bytes": dev.get("free_bytes"),
                 "worker_pid": wk.pid, "worker_state": wk.state, "worker_restarts": wk.restarts,
                 "worker_process_bytes": dev.get("process_bytes"),
+                "streaming_available": (dev.get("streaming") or {}).get("available", False),
+                "streaming_reason": (dev.get("streaming") or {}).get("reason"),
                 "live_agent": wk.engine.get("live_agent"),
                 "models": self._models(), "agents": len(self.agents),
                 "queue_depth": len(wk.queue), "inflight": wk.inflight is not None,

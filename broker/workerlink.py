@@ -113,7 +113,7 @@ class WorkerLink:
             return None
         self.last_seen = now
         if msg.verb == "HEARTBEAT" and msg.fields.get("device"):
-            self.device = msg.fields["device"]
+            self.device = dict(msg.fields["device"], streaming=self.device.get("streaming"))
         if msg.verb != "RESULT":
             return None
         job, self.inflight = self.inflight, None

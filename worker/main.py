@@ -23,6 +23,7 @@ from lmx.common.ctxspec import ContextSpec
 from lmx.common.errors import Code, LmxError
 from lmx.common.sockets import make_socket
 from lmx.worker.device import open_device
+from lmx.worker import streamer
 from lmx.worker.engine import Engine
 
 log = logging.getLogger("lmx.worker")
@@ -87,7 +88,8 @@ class Worker:
     def run(self):
         """Main loop: until SHUTDOWN, a signal, or the broker falls silent."""
         self.thread.start()
-        self.send("READY", pid=os.getpid(), device=self.device.read())
+        device = dict(self.device.read(), streaming=streamer.availability())
+        self.send("READY", pid=os.getpid(), device=device)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.results, zmq.POLLIN)
