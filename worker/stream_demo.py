@@ -10,6 +10,7 @@ gemv it also checks the chained result against numpy. Exit status 1 if the check
 import json
 import statistics
 import sys
+import warnings
 
 import click
 import numpy as np
@@ -22,6 +23,9 @@ THREADS = 256
 def _kernels():
     """numba.cuda is loaded only when the demo runs (the simulator swaps it in at import)."""
     from numba import cuda
+    from numba.core.errors import NumbaPerformanceWarning
+    # Small gemv layers launch few blocks; that is the point of the demo, not a problem.
+    warnings.simplefilter("ignore", NumbaPerformanceWarning)
     from lmx.worker import streamkernels
     return cuda, streamkernels.fma, streamkernels.gemv
 
@@ -144,15 +148,17 @@ def verify_gemv(mats, x0, got):
 
 
 def verify_fma(layers, iters, out):
-    """Element 0 of each layer after the FMA loop, in numpy float32."""
+    """Element 0 of each layer after the FMA loop, against float64 (the GPU fuses the
+    multiply-add, numpy would round twice, so the check allows 1e-4 relative)."""
     want = []
     for a in layers:
-        x = np.float32(a[0])
+        x = float(a[0])
         for _ in range(iters):
-            x = np.float32(x * np.float32(0.999) + np.float32(0.001))
+            x = x * 0.999 + 0.001
         want.append(x)
-    err = float(np.max(np.abs(np.array(want) - out)))
-    return {"checked": True, "match": bool(err < 1e-4), "max_abs_error": err}
+    want = np.array(want)
+    err = float(np.max(np.abs(want - out) / np.abs(want)))
+    return {"checked": True, "match": bool(err < 1e-4), "max_rel_error": err}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -26,3 +26,4 @@ def gemv(wt, rows, cols, x, y):
         for c in range(cols):
             acc += float32(wt[c * rows + r]) * x[c]
         y[r] = acc
+
