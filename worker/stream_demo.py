@@ -23,9 +23,8 @@ THREADS = 256
 def _kernels():
     """numba.cuda is loaded only when the demo runs (the simulator swaps it in at import)."""
     from numba import cuda
-    from numba.core.errors import NumbaPerformanceWarning
     # Small gemv layers launch few blocks; that is the point of the demo, not a problem.
-    warnings.simplefilter("ignore", NumbaPerformanceWarning)
+    warnings.filterwarnings("ignore", message=".*will likely result in GPU under-utilization")
     from lmx.worker import streamkernels
     return cuda, streamkernels.fma, streamkernels.gemv
 
