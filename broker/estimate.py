@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from lmx.broker.estimator import UnknownShape, estimate as estimate_parts, pad, \
     shape_from_metadata
 from lmx.broker.ggufmeta import GGUFFormatError, read_metadata
+from lmx.common.ctxspec import KV_TYPES
 from lmx.common.errors import Code, LmxError, Reason
 
 GGUF_MAGIC = b"GGUF"
@@ -88,6 +89,16 @@ def _shape(path):
     return _SHAPES[key]
 
 
+def _check_kv_blocks(shape, spec):
+    """A quantized KV type needs head sizes its block divides (llama.cpp refuses otherwise)."""
+    for name, kv_type, dim in (("type_k", spec.type_k, shape.d_k), ("type_v", spec.type_v,
+                                                                    shape.d_v)):
+        block = KV_TYPES[kv_type][1]
+        if dim % block:
+            raise LmxError(Code.BAD_REQUEST, f"{name} {kv_type} needs a head size divisible by "
+                           f"{block}; this model's is {dim}", Reason.BAD_VALUE, field=name)
+
+
 def resolve(model, table):
     """(path, table entry or None) for a table key or a GGUF path."""
     entry = table.get(model)
@@ -113,6 +124,7 @@ def estimate(model, spec, table, device="cpu", measured=None):
         ctx = pad(spec.n_ctx, 256) * FALLBACK_PER_TOKEN + FALLBACK_CONTEXT_BASE
         est = Estimate(path, 2 * os.path.getsize(path), ctx, "fallback", "fallback", fp)
     else:
+        _check_kv_blocks(shape, spec)
         parts = estimate_parts(shape, spec, device)
         est = Estimate(path, parts.weights_device, parts.context_device, "estimator",
                        "estimator", fp, parts.as_dict())

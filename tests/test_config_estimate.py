@@ -112,3 +112,13 @@ def test_measured_figures_replace_estimates(tmp_path, smol_path):
     assert (again.context, again.context_source) == (222, "measured")
     other = est.estimate(smol_path, ContextSpec(n_ctx=4096), {}, "cpu", cache)
     assert other.context_source == "estimator"          # other parameters, other figure
+
+
+def test_quantized_kv_needs_head_sizes_its_block_divides(tmp_path, smol_path):
+    from ggufs import write_shaped
+    path = write_shaped(tmp_path / "hd16.gguf", smol_path, n_layer=1, n_embd=64, n_head=4,
+                        n_head_kv=2, n_ff=128)                   # head size 16
+    with pytest.raises(LmxError) as info:
+        est.estimate(str(path), ContextSpec(type_k="q8_0", type_v="q8_0"), {})
+    assert info.value.code == Code.BAD_REQUEST and info.value.details["field"] == "type_k"
+    assert est.estimate(str(path), ContextSpec(), {}).context > 0

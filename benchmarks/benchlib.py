@@ -1,0 +1,148 @@
+"""Helpers shared by the benchmark scripts: memory sampling, a GPU ballast, plotting, timing."""
+import ctypes
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+BALLAST = r"""
+import ctypes, sys
+for name in ("libcudart.so", "libcudart.so.13", "libcudart.so.12"):
+    try:
+        rt = ctypes.CDLL(name); break
+    except OSError:
+        rt = None
+ptr = ctypes.c_void_p()
+rc = rt.cudaMalloc(ctypes.byref(ptr), ctypes.c_size_t(int(sys.argv[1])))
+print("READY" if rc == 0 else f"FAILED {rc}", flush=True)
+sys.stdin.read()
+"""
+
+
+def nvml_handle(index=0):
+    """An NVML handle, or None where there is no GPU."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetHandleByIndex(index)
+    except Exception:
+        return None
+
+
+def start_ballast(nbytes):
+    """A process that holds nbytes of device memory until its stdin closes."""
+    proc = subprocess.Popen([sys.executable, "-c", BALLAST, str(nbytes)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().strip()
+    if line != "READY":
+        raise RuntimeError(f"ballast of {nbytes} bytes failed: {line}")
+    return proc
+
+
+class MemWatch(threading.Thread):
+    """Samples every process's device memory (NVML) or the RSS of watched pids (CPU)."""
+
+    def __init__(self, handle, interval=0.1):
+        super().__init__(daemon=True)
+        self.handle, self.interval = handle, interval
+        self.samples, self.labels, self.pids = [], {}, set()
+        self.t0 = time.monotonic()
+        self.stop_flag = threading.Event()
+
+    def watch(self, pid, label):
+        self.labels[pid] = label
+        self.pids.add(pid)
+
+    def _read(self):
+        if self.handle is not None:
+            import pynvml
+            try:
+                procs = pynvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
+            except pynvml.NVMLError:
+                return {}
+            return {p.pid: p.usedGpuMemory or 0 for p in procs}
+        out = {}
+        for pid in list(self.pids):
+            try:
+                with open(f"/proc/{pid}/status") as fh:
+                    for line in fh:
+                        if line.startswith("VmRSS:"):
+                            out[pid] = int(line.split()[1]) * 1024
+            except OSError:
+                pass
+        return out
+
+    def run(self):
+        while not self.stop_flag.is_set():
+            self.samples.append((round(time.monotonic() - self.t0, 3), self._read()))
+            time.sleep(self.interval)
+
+    def mark(self):
+        """Seconds since the watch started (for phase boundaries)."""
+        return round(time.monotonic() - self.t0, 3)
+
+    def stop(self):
+        self.stop_flag.set()
+        self.join()
+
+    def series(self):
+        """{label: [(t, bytes)]} for labelled pids."""
+        out = {}
+        for t, reading in self.samples:
+            for pid, nbytes in reading.items():
+                if pid in self.labels:
+                    out.setdefault(self.labels[pid], []).append((t, nbytes))
+        return out
+
+
+def plot(panels, path, ylabel):
+    """panels: [(title, {label: [(t, bytes)]}, (t_start, t_end))] -> one PNG, a panel each."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (title, series, (t0, t1)) in zip(axes[0], panels):
+        for label, points in sorted(series.items()):
+            pts = [(t - t0, b / 2**20) for t, b in points if t0 <= t <= t1]
+            if pts:
+                ax.plot(*zip(*pts), label=label)
+        ax.set_title(title)
+        ax.set_xlabel("seconds")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def pct(values, q):
+    """The q-th percentile (0-100) of values."""
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def median(values):
+    return statistics.median(values)
+
+
+def dump(obj, path):
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=1, default=str)
+
+
+def cudart():
+    """libcudart through ctypes, or None."""
+    for name in ("libcudart.so", "libcudart.so.13", "libcudart.so.12"):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+def env_info():
+    return {"python": sys.version.split()[0], "cpus": len(os.sched_getaffinity(0)),
+            "date": time.strftime("%Y-%m-%d")}
