@@ -133,7 +133,7 @@ def _phase(c, models, n_ctx, kv):
 
 
 @click.command()
-@click.option("--models", multiple=True, required=True, type=click.Path(exists=True))
+@click.option("--models", multiple=True, type=click.Path(exists=True))
 @click.option("--n-ctx", default=172032, show_default=True)
 @click.option("--alt-n-ctx", default=8192, show_default=True)
 @click.option("--card", default="8GiB", show_default=True, help="The emulated card size.")
@@ -141,8 +141,17 @@ def _phase(c, models, n_ctx, kv):
               help="For Track A's raw processes (lmx's default is on).")
 @click.option("--cpu", is_flag=True, help="No GPU: no ballast, RSS instead of NVML.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
-def main(models, n_ctx, alt_n_ctx, card, flash_attn, cpu, out_dir):
+@click.option("--replot", is_flag=True, help="Only redraw OUT/tracks.png from OUT/results.json.")
+def main(models, n_ctx, alt_n_ctx, card, flash_attn, cpu, out_dir, replot):
     """Run Track A, then Track B, and write results.json and tracks.png to --out."""
+    if replot:
+        with open(os.path.join(out_dir, "results.json")) as fh:
+            result = json.load(fh)
+        draw(result, os.path.join(out_dir, "tracks.png"))
+        summary(result)
+        return
+    if len(models) != 3:
+        raise click.UsageError("give three --models")
     os.makedirs(out_dir, exist_ok=True)
     card = parse_size(card)
     folder = tempfile.mkdtemp(prefix="lmx-ab-")
@@ -175,17 +184,22 @@ def main(models, n_ctx, alt_n_ctx, card, flash_attn, cpu, out_dir):
         if ballast is not None:
             ballast.stdin.close()
             ballast.wait(60)
-    series = watch.series()
-    result["samples"] = series
+    result["samples"] = watch.series()
+    result["phases_s"] = {"a": [a0, a1], "b": [b0, b1]}
     benchlib.dump(result, os.path.join(out_dir, "results.json"))
-    try:
-        benchlib.plot([("Track A: independent llama-cpp-python processes", series, (a0, a1)),
-                       ("Track B: lmx-broker (one worker)", series, (b0, b1))],
-                      os.path.join(out_dir, "tracks.png"),
-                      "device MiB (NVML)" if gpu else "RSS MiB")
-    except ImportError:
-        click.echo("track_ab: matplotlib missing; no PNG", err=True)
+    draw(result, os.path.join(out_dir, "tracks.png"))
     summary(result)
+
+
+def draw(result, path):
+    """The PNG: one panel per track, one line per process (needs matplotlib)."""
+    try:
+        series, ph = result["samples"], result["phases_s"]
+        benchlib.plot([("Track A: independent llama-cpp-python processes", series, ph["a"]),
+                       ("Track B: lmx-broker (one worker)", series, ph["b"])], path,
+                      "device MiB (NVML)" if result["gpu"] else "RSS MiB")
+    except ImportError:
+        click.echo("track_ab: matplotlib missing; no PNG (rerun with --replot)", err=True)
 
 
 def summary(r):

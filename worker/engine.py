@@ -105,6 +105,7 @@ class Engine:
         self.models = {}
         self.slots = {}
         self.loads = 0
+        self._one = (llama_cpp.llama_token * 1)()
         self.live = None          # the Slot whose context is live
         self.ctx = None
         self.llama_log = LlamaLog()
@@ -250,7 +251,11 @@ class Engine:
         step = min(self.live.spec.n_batch, self.live.n_ctx)
         for i in range(0, len(tokens), step):
             chunk = tokens[i:i + step]
-            arr = (llama_cpp.llama_token * len(chunk))(*chunk)
+            if len(chunk) == 1:           # the decode loop: reuse one array, no allocation
+                self._one[0] = chunk[0]
+                arr = self._one
+            else:
+                arr = (llama_cpp.llama_token * len(chunk))(*chunk)
             rc = llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(arr, len(chunk)))
             if rc != 0:
                 raise LmxError(Code.INTERNAL, f"llama_decode failed with {rc}")
