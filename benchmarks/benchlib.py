@@ -15,8 +15,11 @@ for name in ("libcudart.so", "libcudart.so.13", "libcudart.so.12"):
         rt = ctypes.CDLL(name); break
     except OSError:
         rt = None
+rt.cudaFree(ctypes.c_void_p(0))          # create this process's CUDA context first
+print("INIT", flush=True)
+nbytes = int(sys.stdin.readline())
 ptr = ctypes.c_void_p()
-rc = rt.cudaMalloc(ctypes.byref(ptr), ctypes.c_size_t(int(sys.argv[1])))
+rc = rt.cudaMalloc(ctypes.byref(ptr), ctypes.c_size_t(nbytes))
 print("READY" if rc == 0 else f"FAILED {rc}", flush=True)
 sys.stdin.read()
 """
@@ -32,13 +35,20 @@ def nvml_handle(index=0):
         return None
 
 
-def start_ballast(nbytes):
-    """A process that holds nbytes of device memory until its stdin closes."""
-    proc = subprocess.Popen([sys.executable, "-c", BALLAST, str(nbytes)], stdin=subprocess.PIPE,
+def start_ballast(handle, leave_free):
+    """A process holding device memory so that only `leave_free` bytes stay free (its own CUDA
+    context is created before the free memory is read, so it is not counted in the card)."""
+    import pynvml
+    proc = subprocess.Popen([sys.executable, "-c", BALLAST], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "INIT":
+        raise RuntimeError("ballast could not initialise CUDA")
+    free = pynvml.nvmlDeviceGetMemoryInfo(handle).free
+    proc.stdin.write(f"{free - leave_free}\n")
+    proc.stdin.flush()
     line = proc.stdout.readline().strip()
     if line != "READY":
-        raise RuntimeError(f"ballast of {nbytes} bytes failed: {line}")
+        raise RuntimeError(f"ballast of {free - leave_free} bytes failed: {line}")
     return proc
 
 

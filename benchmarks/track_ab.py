@@ -165,7 +165,7 @@ def main(models, n_ctx, alt_n_ctx, card, flash_attn, cpu, out_dir, replot):
         info = pynvml.nvmlDeviceGetMemoryInfo(handle)
         result["device"] = {"name": pynvml.nvmlDeviceGetName(handle), "total": info.total,
                             "free_before": info.free}
-        ballast = benchlib.start_ballast(info.free - card)
+        ballast = benchlib.start_ballast(handle, card)
         result["device"]["free_after_ballast"] = pynvml.nvmlDeviceGetMemoryInfo(handle).free
     watch = benchlib.MemWatch(handle)
     if ballast is not None:
