@@ -108,8 +108,9 @@ class MemWatch(threading.Thread):
         return out
 
 
-def plot(panels, path, ylabel):
-    """panels: [(title, {label: [(t, bytes)]}, (t_start, t_end))] -> one PNG, a panel each."""
+def plot(panels, path, ylabel, limit=None):
+    """panels: [(title, {label: [(t, bytes)]}, (t_start, t_end))] -> one PNG, a panel each;
+    `limit` (bytes) draws the emulated card's size as a dashed line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -119,6 +120,8 @@ def plot(panels, path, ylabel):
             pts = [(t - t0, b / 2**20) for t, b in points if t0 <= t <= t1]
             if pts:
                 ax.plot(*zip(*pts), label=label)
+        if limit:
+            ax.axhline(limit / 2**20, color="grey", linestyle="--", label="card")
         ax.set_title(title)
         ax.set_xlabel("seconds")
         ax.set_ylabel(ylabel)

@@ -194,10 +194,11 @@ def main(models, n_ctx, alt_n_ctx, card, flash_attn, cpu, out_dir, replot):
 def draw(result, path):
     """The PNG: one panel per track, one line per process (needs matplotlib)."""
     try:
-        series, ph = result["samples"], result["phases_s"]
+        series = {k: v for k, v in result["samples"].items() if k != "ballast"}
+        ph, card = result["phases_s"], result["card_bytes"] if result["gpu"] else None
         benchlib.plot([("Track A: independent llama-cpp-python processes", series, ph["a"]),
                        ("Track B: lmx-broker (one worker)", series, ph["b"])], path,
-                      "device MiB (NVML)" if result["gpu"] else "RSS MiB")
+                      "device MiB (NVML)" if result["gpu"] else "RSS MiB", card)
     except ImportError:
         click.echo("track_ab: matplotlib missing; no PNG (rerun with --replot)", err=True)
 

@@ -1,0 +1,64 @@
+"""The benchmark scripts in a tiny CPU mode, so they cannot rot (their GPU figures live in
+benchmarks/README.md)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from ggufs import write_shaped
+
+BENCH = ROOT / "benchmarks"
+
+
+def run(script, *args, timeout=600):
+    r = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True,
+                       text=True, timeout=timeout, cwd=str(ROOT))
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smol_path):
+    d = tmp_path_factory.mktemp("bench")
+    return [str(write_shaped(d / f"m{i}.gguf", smol_path, n_layer=2, n_embd=e, n_head=4,
+                             n_head_kv=2, n_ff=2 * e, seed=i)) for i, e in enumerate((64, 96, 128))]
+
+
+def test_track_ab_tiny(tiny, tmp_path):
+    out = tmp_path / "ab"
+    text = run("track_ab.py", "--cpu", *sum((["--models", m] for m in tiny), []), "--n-ctx",
+               "2048", "--alt-n-ctx", "512", "--card", "256MiB", "--out", str(out))
+    r = json.loads((out / "results.json").read_text())
+    assert [row["survived"] for row in r["track_a"]] == [True, True, True]
+    phases = r["track_b"]["phases"]
+    assert [p["n_ctx"] for p in phases] == [2048, 2048, 512]
+    assert all(a["register"]["status"] == "ok" and a["decode"]["status"] == "ok"
+               for a in phases[2]["agents"])
+    assert (out / "tracks.png").stat().st_size > 10_000
+    assert "B n_ctx=   512" in text
+
+
+def test_overheads_tiny(tiny, tmp_path):
+    out = tmp_path / "over"
+    text = run("overheads.py", "--cpu", "--model", tiny[0], "--n-ctx", "512", "--n-predict", "8",
+               "--repeats", "1", "--state-tokens", "64", "--rtt-requests", "200", "--threads",
+               "2", "--out", str(out))
+    r = json.loads((out / "results.json").read_text())
+    names = [f["figure"] for f in r["figures"]]
+    assert len(names) == 7 and all(f["value"] > 0 for f in r["figures"])
+    assert "STATUS round trips/s lmx / raw echo, 100 agents" in names
+    assert (out / "table.md").read_text().startswith("device:")
+    assert "| DECODE tok/s lmx / raw |" in text
+
+
+def test_estimate_accuracy_and_ledger_check_tiny(tiny, tmp_path):
+    text = run("estimate_accuracy.py", tiny[0], "--n-ctx", "256", "--markdown", "--json-out",
+               str(tmp_path / "acc.json"))
+    rows = json.loads((tmp_path / "acc.json").read_text())["rows"]
+    assert len(rows) == 2 and all(abs(r["kv_est"] - r["kv_real"]) <= 8192 for r in rows)
+    assert "| model | n_ctx |" in text
+    text = run("ledger_check.py", tiny[0], tiny[1], "--n-ctx", "512", "--broker-arg=--cpu")
+    assert "context a1 (n_ctx 512)" in text
