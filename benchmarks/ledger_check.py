@@ -10,6 +10,7 @@ beside the ledger's total. Agents are swapped one live context at a time, so NVM
 weights of every model but only one context.
 """
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -29,8 +30,10 @@ def main(models, n_ctx, as_json, broker_args):
     """Register, decode, and compare the ledger with the device."""
     folder = tempfile.mkdtemp(prefix="lmx-ledger-")
     endpoint = f"ipc://{folder}/lmx.sock"
+    dirs = sorted({os.path.dirname(os.path.abspath(m)) for m in models})
     proc = subprocess.Popen([sys.executable, "-m", "lmx.broker.main", "--endpoint", endpoint,
-                             "--state-dir", folder, *broker_args], stderr=subprocess.DEVNULL)
+                             "--state-dir", folder, *sum((["--model-dir", d] for d in dirs), []),
+                             *broker_args], stderr=subprocess.DEVNULL)
     try:
         with Client(endpoint, timeout=120) as c:
             for _ in range(300):

@@ -211,7 +211,8 @@ def main(model, n_ctx, n_predict, repeats, state_tokens, rtt_requests, cpu, thre
     folder = tempfile.mkdtemp(prefix="lmx-over-")
     endpoint, echo_ep = f"ipc://{folder}/lmx.sock", f"ipc://{folder}/echo.sock"
     cmd = [sys.executable, "-m", "lmx.broker.main", "--endpoint", endpoint, "--state-dir",
-           folder, "--threads", str(threads), "--max-n-predict", str(max(n_predict, 4096))]
+           folder, "--threads", str(threads), "--max-n-predict", str(max(n_predict, 4096)),
+           "--model-dir", os.path.dirname(os.path.abspath(model))]
     broker = subprocess.Popen(cmd + (["--cpu"] if not gpu else []), stderr=subprocess.DEVNULL)
     echo = subprocess.Popen([sys.executable, "-c", ECHO, echo_ep], stdout=subprocess.PIPE,
                             text=True)

@@ -71,6 +71,12 @@ def track_a(models, n_ctx, fa, gpu, watch, folder):
     return rows
 
 
+def model_dir_args(models):
+    """--model-dir for the folder of every model (the broker loads paths only from there)."""
+    dirs = sorted({os.path.dirname(os.path.abspath(m)) for m in models})
+    return sum((["--model-dir", d] for d in dirs), [])
+
+
 def _call(c, verb, **fields):
     r = c.call(verb, **fields)
     keep = ("status", "code", "reason", "message", "booked_bytes", "model_booked_bytes",
@@ -83,7 +89,7 @@ def track_b(models, n_ctx, alt_n_ctx, gpu, card, watch, folder):
     """lmx-broker on the same card: register at both contexts, decode, record every reply."""
     endpoint = f"ipc://{folder}/lmx.sock"
     cmd = [sys.executable, "-m", "lmx.broker.main", "--endpoint", endpoint, "--state-dir",
-           os.path.join(folder, "state")]
+           os.path.join(folder, "state"), *model_dir_args(models)]
     if not gpu:
         cmd += ["--cpu", "--vram-total", str(card), "--threads", "2"]
     log = open(os.path.join(folder, "broker.log"), "w")

@@ -7,6 +7,7 @@ then check that smol's restored continuation equals an uninterrupted run.
 
 Arguments after `--` go to lmx-broker. Exit status 0 only if every step was as expected.
 """
+import os
 import subprocess
 import sys
 import tempfile
@@ -55,8 +56,9 @@ def wait_ready(endpoint, proc):
 def main(smol, gemma, table, n_predict, broker_log, broker_args):
     """Run the walk and print its transcript."""
     endpoint = f"ipc://{tempfile.mkdtemp(prefix='lmx-walk-')}/lmx.sock"
+    dirs = sorted({os.path.dirname(os.path.abspath(m)) for m in (smol, gemma) if os.sep in m})
     cmd = [sys.executable, "-m", "lmx.broker.main", "--endpoint", endpoint,
-           "--vram-table", table, *broker_args]
+           "--vram-table", table, *sum((["--model-dir", d] for d in dirs), []), *broker_args]
     click.echo("$ lmx-broker " + " ".join(cmd[3:]) + " &\n")
     proc = subprocess.Popen(cmd, stderr=broker_log or subprocess.DEVNULL)
     try:

@@ -13,6 +13,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 
+from lmx.broker.access import check_model_path
 from lmx.broker.estimator import UnknownShape, estimate as estimate_parts, pad, \
     shape_from_metadata
 from lmx.broker.ggufmeta import GGUFFormatError, read_metadata
@@ -99,24 +100,29 @@ def _check_kv_blocks(shape, spec):
                            f"{block}; this model's is {dim}", Reason.BAD_VALUE, field=name)
 
 
-def resolve(model, table):
-    """(path, table entry or None) for a table key or a GGUF path."""
+def resolve(model, table, model_dirs=None):
+    """(path, table entry or None) for a table key or a GGUF path under model_dirs.
+
+    model_dirs None skips the access check (the estimator's own tools); the broker always
+    passes its configured list (empty: table keys only)."""
     entry = table.get(model)
     if entry is None:
         path = os.path.realpath(os.path.expanduser(model))
         entry = next((e for e in table.values() if e.path == path), None)
     if entry is not None:
         return entry.path, entry
-    if os.sep not in model and not model.endswith(".gguf") and not os.path.exists(model):
-        raise LmxError(Code.MODEL_ERROR, f"{model!r} is neither a model table key nor a file "
+    if os.sep not in model and not model.endswith(".gguf"):
+        raise LmxError(Code.MODEL_ERROR, f"{model!r} is neither a model table key nor a path "
                        f"(known keys: {', '.join(sorted(table)) or 'none'})",
                        Reason.UNKNOWN_KEY, model=model)
+    if model_dirs is not None:
+        return check_model_path(os.path.expanduser(model), model_dirs), None
     return os.path.realpath(os.path.expanduser(model)), None
 
 
-def estimate(model, spec, table, device="cpu", measured=None):
+def estimate(model, spec, table, device="cpu", measured=None, model_dirs=None):
     """The Estimate for one agent on `model` with ContextSpec `spec` on a 'cuda'/'cpu' device."""
-    path, entry = resolve(model, table)
+    path, entry = resolve(model, table, model_dirs)
     check_gguf_file(path)
     shape = _shape(path)
     fp = fingerprint(path)

@@ -74,11 +74,22 @@ def _private_worker_endpoint():
 @click.option("--simulate-others", type=click.Path(dir_okay=False), default=None,
               help="CPU worker only: read the bytes 'other processes' hold from this file "
               "(stands in for NVML in tests and demos).")
+@click.option("--model-dir", "model_dirs", multiple=True, type=click.Path(file_okay=False),
+              help="REGISTER may load GGUF paths under this directory (repeatable); without "
+              "any, only table keys can be registered.")
+@click.option("--max-prompt-tokens", default=cfg.DEFAULT_MAX_PROMPT_TOKENS, show_default=True)
+@click.option("--max-agents-per-client", default=cfg.DEFAULT_MAX_AGENTS_PER_CLIENT,
+              show_default=True)
+@click.option("--curve-secret-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="tcp endpoints: the broker's zmq.auth secret key file.")
+@click.option("--curve-clients", type=click.Path(exists=True, file_okay=False), default=None,
+              help="tcp endpoints: folder of the public keys of clients allowed in.")
 @click.option("--log-level", default="INFO", show_default=True)
 def main(endpoint, worker_endpoint, vram_table, vram_total, admission_percent, spawn_worker,
          worker_cpu, threads, gpu_index, worker_overhead, worker_start_timeout, heartbeat,
          liveness, queue_depth, default_n_ctx, max_frame_bytes, max_n_predict, state_dir,
-         measure_margin, others_margin, simulate_others, log_level):
+         measure_margin, others_margin, simulate_others, model_dirs, max_prompt_tokens,
+         max_agents_per_client, curve_secret_key, curve_clients, log_level):
     """Run the lmx broker (and, by default, its worker) until SIGINT/SIGTERM."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     try:
@@ -107,7 +118,9 @@ def main(endpoint, worker_endpoint, vram_table, vram_total, admission_percent, s
         heartbeat_s=heartbeat, liveness=liveness, queue_depth=queue_depth,
         max_frame_bytes=max_frame_bytes, default_n_ctx=default_n_ctx,
         max_n_predict=max_n_predict, state_dir=state_dir, measure_margin_percent=measure_margin,
-        others_margin=others_margin)
+        others_margin=others_margin, model_dirs=tuple(model_dirs),
+        max_prompt_tokens=max_prompt_tokens, max_agents_per_client=max_agents_per_client,
+        curve_secret_key=curve_secret_key, curve_clients=curve_clients)
     broker = Broker(config)
     # Signal handlers do no work: they ask the loop to stop.
     signal.signal(signal.SIGTERM, lambda *_: setattr(broker, "stop", True))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from lmx.broker import access
 from lmx.broker.estimate import estimate
 from lmx.broker.estimator import CUDA_OVERHEAD
 from lmx.broker.ledger import Ledger
@@ -48,6 +49,11 @@ class BrokerConfig:
     max_n_predict: int = cfg.MAX_N_PREDICT
     max_prompt_bytes: int = cfg.MAX_PROMPT_BYTES
     state_dir: str = ""                # measured.json lives here ("" keeps it in memory)
+    model_dirs: tuple = ()             # REGISTER paths must lie under one of these
+    max_prompt_tokens: int = cfg.DEFAULT_MAX_PROMPT_TOKENS
+    max_agents_per_client: int = cfg.DEFAULT_MAX_AGENTS_PER_CLIENT
+    curve_secret_key: str = None       # tcp endpoints: the server's zmq.auth secret key file
+    curve_clients: str = None          # ... and the folder of allowed clients' public keys
     measure_margin_percent: int = 5    # booking after reconciliation = measured + this
     others_margin: int = 256 << 20     # kept free below what other processes hold
 
@@ -63,6 +69,7 @@ class Agent:
     booked_bytes: int
     source: str
     spec: dict = field(default_factory=dict)
+    owner: bytes = b""                  # the client identity that registered it
     estimated_bytes: int = None
     measured_bytes: int = None
     state: str = "registering"          # registering -> ready -> leaving
@@ -123,6 +130,7 @@ class Broker:
                          "DECODE": self.on_decode}
         self._backoff = 1.0
         self._respawn_at = None
+        self.auth = None
 
     # -- start-up and the loop ----------------------------------------------------------
 
@@ -144,10 +152,18 @@ class Broker:
                 self._on_worker(self.wsock.recv_multipart())
         self._adopt_device()
         refuse_if_served(self.config.endpoint)
-        self.client = make_socket(self.ctx, zmq.ROUTER, self.config.endpoint, bind=True)
+        access.prepare_ipc(self.config.endpoint)
+        self.client = make_socket(self.ctx, zmq.ROUTER, self.config.endpoint, bind=True,
+                                  setup=self._secure)
+        access.lock_down_ipc(self.config.endpoint)
         log.info("broker: serving %s (cap %s of %s)", self.config.endpoint,
                  cfg.format_size(self.ledger.max_bytes),
                  cfg.format_size(self.ledger.total_bytes))
+
+    def _secure(self, sock):
+        """CURVE for tcp endpoints (refuses to start without keys); nothing for ipc."""
+        self.auth = access.secure_tcp(self.ctx, sock, self.config.endpoint,
+                                      self.config.curve_secret_key, self.config.curve_clients)
 
     def _adopt_device(self):
         """Set the ledger's total from the worker (NVML, or the declared size on CPU)."""
@@ -200,6 +216,8 @@ class Broker:
         self.worker.stop()
         if self.client is not None:
             self.client.close()
+        if self.auth is not None:
+            self.auth.stop()
         self.wsock.close()
 
     # -- clients ------------------------------------------------------------------------
@@ -244,9 +262,14 @@ class Broker:
                            Reason.BAD_VALUE, field="n_ctx")
         if agent in self.agents:
             raise LmxError(Code.AGENT_EXISTS, f"agent {agent!r} is already registered")
+        owned = sum(1 for a in self.agents.values() if a.owner == identity)
+        if owned >= self.config.max_agents_per_client:
+            raise LmxError(Code.LIMIT, f"this client already has {owned} agents (the limit)",
+                           Reason.AGENTS_PER_CLIENT, limit=self.config.max_agents_per_client)
         self._check_queue()
         device = self.worker.device.get("kind", "cpu")
-        est = estimate(model, spec, self.config.table, device, self.measured)
+        est = estimate(model, spec, self.config.table, device, self.measured,
+                       model_dirs=self.config.model_dirs)
         mrec = self.models.get(est.path)
         want = {f"agent:{agent}": est.context}
         if mrec is None:
@@ -263,7 +286,7 @@ class Broker:
                 est.estimated.get("weights_device", est.weights), est.weights_source)
         mrec.agents.add(agent)
         rec = self.agents[agent] = Agent(agent, model, est.path, spec.n_ctx, est.context,
-                                         est.context_source, spec.as_dict(),
+                                         est.context_source, spec.as_dict(), identity,
                                          est.estimated.get("context_device", est.context))
         log.info("admission: reserved agent=%s context=%d (%s) weights=%s (%s)", agent,
                  est.context, est.context_source,
@@ -383,8 +406,8 @@ class Broker:
                 (time.monotonic() - t0) * 1000, 2))
             self._send(identity, msg.id, result)
 
-        self._submit("DECODE", {"agent": rec.agent, "prompt": prompt, "n_predict": n_predict},
-                     done)
+        self._submit("DECODE", {"agent": rec.agent, "prompt": prompt, "n_predict": n_predict,
+                                "max_prompt_tokens": self.config.max_prompt_tokens}, done)
         return None
 
     def on_status(self, _identity, _msg):
@@ -414,7 +437,8 @@ class Broker:
         """LIST: every agent with its booking and state."""
         slots = self.worker.engine.get("slots", {})
         keys = (("live", False), ("parked_bytes", 0), ("parked_pinned", False), ("n_past", 0))
-        return {"agents": [dict(vars(a), **{k: slots.get(a.agent, {}).get(k, d) for k, d in keys})
+        return {"agents": [dict(vars(a), owner=a.owner.hex(),
+                                **{k: slots.get(a.agent, {}).get(k, d) for k, d in keys})
                            for a in self.agents.values()]}
 
     # -- helpers ------------------------------------------------------------------------

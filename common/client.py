@@ -22,12 +22,13 @@ class LmxTimeout(TimeoutError):
 class Client:
     """A connection to an lmx broker; not thread-safe (one per thread, like its socket)."""
 
-    def __init__(self, endpoint=DEFAULT_ENDPOINT, timeout=60.0, ctx=None):
+    def __init__(self, endpoint=DEFAULT_ENDPOINT, timeout=60.0, ctx=None, curve=None):
+        """curve: (client_public, client_secret, server_public) for a tcp:// broker."""
         self.endpoint = endpoint
         self.timeout = timeout
         self._own_ctx = ctx is None
         self._ctx = ctx or zmq.Context()
-        self._sock = make_socket(self._ctx, zmq.DEALER, endpoint)
+        self._sock = make_socket(self._ctx, zmq.DEALER, endpoint, curve=curve)
         self._ids = itertools.count(1)
 
     def call(self, verb, timeout=None, **fields):
@@ -52,9 +53,10 @@ class Client:
             raise LmxError.from_reply(reply)
         return reply
 
-    def register(self, agent, model, n_ctx=None):
-        """Admit `agent` on `model` (a table key or a GGUF path)."""
-        fields = {"agent": agent, "model": model}
+    def register(self, agent, model, n_ctx=None, **context):
+        """Admit `agent` on `model` (a table key or a GGUF path); context: flash_attn, type_k,
+        type_v, swa_full."""
+        fields = {"agent": agent, "model": model, **context}
         if n_ctx is not None:
             fields["n_ctx"] = n_ctx
         return self.request("REGISTER", **fields)

@@ -4,7 +4,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_ENDPOINT = "ipc:///tmp/lmx.sock"
+DEFAULT_ENDPOINT = f"ipc:///tmp/lmx-{os.getuid()}/lmx.sock"   # a private (0700) directory
 DEFAULT_VRAM_TOTAL = 8 << 30           # the embedded default: a CPU worker with a declared 8 GiB
 DEFAULT_ADMISSION_PERCENT = 90
 DEFAULT_N_CTX = 2048
@@ -13,7 +13,9 @@ MAX_N_PREDICT = 4096
 MAX_PROMPT_BYTES = 256 << 10
 DEFAULT_QUEUE_DEPTH = 256
 DEFAULT_HEARTBEAT_S = 1.0
-DEFAULT_LIVENESS = 3                  # missed heartbeats before a peer is declared dead
+DEFAULT_LIVENESS = 2                  # silent heartbeat intervals before a peer is declared dead
+DEFAULT_MAX_PROMPT_TOKENS = 8192
+DEFAULT_MAX_AGENTS_PER_CLIENT = 32
 AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,

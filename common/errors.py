@@ -19,6 +19,8 @@ class Code:
     UNKNOWN_AGENT = "UNKNOWN_AGENT"
     CONTEXT_FULL = "CONTEXT_FULL"          # prompt + n_predict would overflow the agent's n_ctx
     BUSY = "BUSY"                          # request queue full; carries queue_depth
+    LIMIT = "LIMIT"                        # a configured limit (prompt tokens, agents per client)
+    FORBIDDEN = "FORBIDDEN"                # a model path outside the configured model dirs
     WORKER_UNAVAILABLE = "WORKER_UNAVAILABLE"
     WORKER_LOST = "WORKER_LOST"            # the worker died with this request in flight
     INTERNAL = "INTERNAL"                  # a bug: the handler raised; the broker keeps serving
@@ -37,6 +39,9 @@ class Reason:
     CORRUPT = "CORRUPT"
     LOAD_FAILED = "LOAD_FAILED"
     CONTEXT_FAILED = "CONTEXT_FAILED"
+    PROMPT_TOKENS = "PROMPT_TOKENS"        # LIMIT
+    AGENTS_PER_CLIENT = "AGENTS_PER_CLIENT"
+    OUTSIDE_MODEL_DIRS = "OUTSIDE_MODEL_DIRS"  # FORBIDDEN
     MISSING_FIELD = "MISSING_FIELD"        # BAD_REQUEST
     BAD_TYPE = "BAD_TYPE"
     BAD_VALUE = "BAD_VALUE"

@@ -50,10 +50,24 @@ def _ordered(verb, reply):
     return {**first, **rest, "text": reply.get("text", "")}
 
 
+def _curve(client_key, server_key):
+    """(public, secret, server public) from zmq.auth key files, or None."""
+    if not client_key and not server_key:
+        return None
+    if not (client_key and server_key):
+        raise click.UsageError("--curve-client-key and --curve-server-key go together")
+    import zmq.auth
+    public, secret = zmq.auth.load_certificate(client_key)
+    server, _ = zmq.auth.load_certificate(server_key)
+    if secret is None:
+        raise click.UsageError(f"{client_key} holds no secret key")
+    return public, secret, server
+
+
 def _call(ctx, verb, **fields):
     opts = ctx.obj
     try:
-        with Client(opts["endpoint"], timeout=opts["timeout"]) as client:
+        with Client(opts["endpoint"], timeout=opts["timeout"], curve=opts["curve"]) as client:
             reply = client.call(verb, **fields)
     except LmxTimeout as exc:
         click.echo(f"lmx-probe: {exc}", err=True)
@@ -72,10 +86,15 @@ def _call(ctx, verb, **fields):
               help="The broker's client endpoint.")
 @click.option("--json", "as_json", is_flag=True, help="Print each reply as one JSON object.")
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for a reply.")
+@click.option("--curve-client-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="tcp brokers: this client's zmq.auth secret key file.")
+@click.option("--curve-server-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="tcp brokers: the broker's public key file.")
 @click.pass_context
-def main(ctx, endpoint, as_json, timeout):
+def main(ctx, endpoint, as_json, timeout, curve_client_key, curve_server_key):
     """Send one verb (HELP, STATUS, LIST, REGISTER, UNREGISTER, DECODE) to an lmx broker."""
-    ctx.obj = {"endpoint": endpoint, "json": as_json, "timeout": timeout}
+    ctx.obj = {"endpoint": endpoint, "json": as_json, "timeout": timeout,
+               "curve": _curve(curve_client_key, curve_server_key)}
 
 
 @main.command("help")

@@ -55,7 +55,8 @@ CLIENT_VERBS = {
 WORKER_JOBS = {
     "REGISTER": {"agent": Field(str), "path": Field(str), "spec": Field(dict)},
     "UNREGISTER": {"agent": Field(str)},
-    "DECODE": {"agent": Field(str), "prompt": Field(str), "n_predict": Field(int)},
+    "DECODE": {"agent": Field(str), "prompt": Field(str), "n_predict": Field(int),
+               "max_prompt_tokens": Field(int, False)},
     "HEARTBEAT": {},
     "SHUTDOWN": {},
 }

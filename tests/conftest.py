@@ -4,6 +4,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,13 +48,17 @@ def wait_until(predicate, timeout=30.0, interval=0.05, what="condition"):
 class BrokerProc:
     """A real `lmx-broker` process (with its real worker subprocess) on an ipc endpoint."""
 
-    def __init__(self, tmp, args, name="b"):
+    def __init__(self, tmp, args, name="b", model_dirs=None, endpoint=None, curve=None):
         self.dir = Path(tmp)
-        self.endpoint = f"ipc://{self.dir}/{name}.sock"
+        self.endpoint = endpoint or f"ipc://{self.dir}/{name}.sock"
         self.log_path = self.dir / f"{name}.log"
         self.log = open(self.log_path, "wb")
+        # Tests register real models and files they write under the temp dir.
+        dirs = [str(MODELS), tempfile.gettempdir()] if model_dirs is None else model_dirs
         cmd = [sys.executable, "-m", "lmx.broker.main", "--endpoint", self.endpoint,
-               "--threads", "2", "--state-dir", str(self.dir / f"{name}-state"), *args]
+               "--threads", "2", "--state-dir", str(self.dir / f"{name}-state"),
+               *sum((["--model-dir", d] for d in dirs), []), *args]
+        self.curve = curve
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         wait_until(self._answers, timeout=60, what=f"broker on {self.endpoint}")
 
@@ -61,13 +66,13 @@ class BrokerProc:
         if self.proc.poll() is not None:
             raise AssertionError(f"broker exited {self.proc.returncode}:\n{self.read_log()}")
         try:
-            with Client(self.endpoint, timeout=0.5) as c:
+            with Client(self.endpoint, timeout=0.5, curve=self.curve) as c:
                 return c.call("STATUS")["status"] == "ok"
         except LmxTimeout:
             return False
 
-    def client(self, timeout=60.0):
-        return Client(self.endpoint, timeout=timeout)
+    def client(self, timeout=60.0, curve=None):
+        return Client(self.endpoint, timeout=timeout, curve=curve or self.curve)
 
     def status(self):
         with self.client() as c:
@@ -115,8 +120,8 @@ def broker_factory(tmp_path):
     """Start brokers with given args; all are stopped (and checked) at teardown."""
     started = []
 
-    def start(*args, name="b"):
-        b = BrokerProc(tmp_path, list(args), name=name)
+    def start(*args, name="b", **kw):
+        b = BrokerProc(tmp_path, list(args), name=name, **kw)
         started.append(b)
         return b
 

@@ -265,7 +265,7 @@ class Engine:
         ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
         return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(n_vocab,))))
 
-    def decode(self, agent, prompt, n_predict):
+    def decode(self, agent, prompt, n_predict, max_prompt_tokens=None):
         """Greedy-decode up to n_predict tokens after prompt, continuing the conversation."""
         t0 = time.perf_counter()
         slot = self._slot(agent)
@@ -274,6 +274,10 @@ class Engine:
                                        and not slot.pending)
         if not prompt_tokens:
             raise LmxError(Code.BAD_REQUEST, "prompt has no tokens", Reason.BAD_VALUE)
+        if max_prompt_tokens and len(prompt_tokens) > max_prompt_tokens:
+            raise LmxError(Code.LIMIT, f"prompt has {len(prompt_tokens)} tokens, the limit is "
+                           f"{max_prompt_tokens}", Reason.PROMPT_TOKENS,
+                           prompt_tokens=len(prompt_tokens), limit=max_prompt_tokens)
         feed = slot.pending + prompt_tokens
         need = slot.n_past + len(feed) + n_predict
         if need > slot.n_ctx:

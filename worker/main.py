@@ -39,7 +39,8 @@ def run_job(engine, msg):
         elif msg.verb == "UNREGISTER":
             out = engine.unregister(f["agent"])
         elif msg.verb == "DECODE":
-            out = engine.decode(f["agent"], f["prompt"], f["n_predict"])
+            out = engine.decode(f["agent"], f["prompt"], f["n_predict"],
+                                f.get("max_prompt_tokens"))
         else:
             raise LmxError(Code.UNKNOWN_VERB, f"worker cannot run {msg.verb}")
         out["status"] = "ok"
