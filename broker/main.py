@@ -84,12 +84,15 @@ def _private_worker_endpoint():
               help="tcp endpoints: the broker's zmq.auth secret key file.")
 @click.option("--curve-clients", type=click.Path(exists=True, file_okay=False), default=None,
               help="tcp endpoints: folder of the public keys of clients allowed in.")
+@click.option("--park-to-disk/--no-park-to-disk", default=True, show_default=True,
+              help="Also write parked KV state to STATE_DIR/parked, so conversations survive "
+              "a worker or broker restart.")
 @click.option("--log-level", default="INFO", show_default=True)
 def main(endpoint, worker_endpoint, vram_table, vram_total, admission_percent, spawn_worker,
          worker_cpu, threads, gpu_index, worker_overhead, worker_start_timeout, heartbeat,
          liveness, queue_depth, default_n_ctx, max_frame_bytes, max_n_predict, state_dir,
          measure_margin, others_margin, simulate_others, model_dirs, max_prompt_tokens,
-         max_agents_per_client, curve_secret_key, curve_clients, log_level):
+         max_agents_per_client, curve_secret_key, curve_clients, park_to_disk, log_level):
     """Run the lmx broker (and, by default, its worker) until SIGINT/SIGTERM."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     try:
@@ -110,6 +113,7 @@ def main(endpoint, worker_endpoint, vram_table, vram_total, admission_percent, s
     args += ["--threads", str(threads)] if threads else []
     args += ["--cpu"] if worker_cpu else []
     args += ["--simulate-others", os.path.abspath(simulate_others)] if simulate_others else []
+    args += ["--park-dir", os.path.join(state_dir, "parked")] if park_to_disk else []
     config = BrokerConfig(
         endpoint=endpoint, worker_endpoint=worker_endpoint,
         table=table, vram_total=vram_total, admission_percent=admission_percent,
@@ -120,7 +124,8 @@ def main(endpoint, worker_endpoint, vram_table, vram_total, admission_percent, s
         max_n_predict=max_n_predict, state_dir=state_dir, measure_margin_percent=measure_margin,
         others_margin=others_margin, model_dirs=tuple(model_dirs),
         max_prompt_tokens=max_prompt_tokens, max_agents_per_client=max_agents_per_client,
-        curve_secret_key=curve_secret_key, curve_clients=curve_clients)
+        curve_secret_key=curve_secret_key, curve_clients=curve_clients,
+        park_to_disk=park_to_disk)
     broker = Broker(config)
     # Signal handlers do no work: they ask the loop to stop.
     signal.signal(signal.SIGTERM, lambda *_: setattr(broker, "stop", True))

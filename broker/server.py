@@ -14,6 +14,7 @@ import zmq
 from lmx.broker import access
 from lmx.broker.estimate import estimate
 from lmx.broker.estimator import CUDA_OVERHEAD
+from lmx.broker.journal import Journal
 from lmx.broker.ledger import Ledger
 from lmx.broker.measured import MeasuredCache, with_margin
 from lmx.broker.workerlink import WorkerLink, is_alive
@@ -54,6 +55,7 @@ class BrokerConfig:
     max_agents_per_client: int = cfg.DEFAULT_MAX_AGENTS_PER_CLIENT
     curve_secret_key: str = None       # tcp endpoints: the server's zmq.auth secret key file
     curve_clients: str = None          # ... and the folder of allowed clients' public keys
+    park_to_disk: bool = True          # parked state also on disk (state_dir/parked)
     measure_margin_percent: int = 5    # booking after reconciliation = measured + this
     others_margin: int = 256 << 20     # kept free below what other processes hold
 
@@ -77,6 +79,7 @@ class Agent:
     last_active: float = None
     decodes: int = 0
     generated_tokens: int = 0
+    context_reset: bool = False         # tell the next DECODE its conversation was lost
 
 
 @dataclass
@@ -118,6 +121,9 @@ class Broker:
         self.models = {}
         self.measured = MeasuredCache(os.path.join(config.state_dir, "measured.json")
                                       if config.state_dir else "")
+        self.journal = Journal(os.path.join(config.state_dir, "journal.json")
+                               if config.state_dir else "")
+        self.lost = {}                      # agent -> why it could not be restored
         self.client = None
         self.wsock = make_socket(self.ctx, zmq.ROUTER, config.worker_endpoint, bind=True)
         self.worker = WorkerLink(self.wsock, config.heartbeat_s, config.liveness,
@@ -151,6 +157,7 @@ class Broker:
             if self.wsock.poll(200):
                 self._on_worker(self.wsock.recv_multipart())
         self._adopt_device()
+        self._replay_journal()
         refuse_if_served(self.config.endpoint)
         access.prepare_ipc(self.config.endpoint)
         self.client = make_socket(self.ctx, zmq.ROUTER, self.config.endpoint, bind=True,
@@ -270,6 +277,30 @@ class Broker:
         device = self.worker.device.get("kind", "cpu")
         est = estimate(model, spec, self.config.table, device, self.measured,
                        model_dirs=self.config.model_dirs)
+        rec, mrec = self._book(agent, model, est, spec, identity)
+
+        def done(result):
+            if result.get("status") == "ok":
+                rec.state = "ready"
+                self.journal.put(agent, {"model": model, "path": est.path, "spec": rec.spec})
+                self.lost.pop(agent, None)
+                if result.get("model_loaded"):
+                    self._reconcile_model(mrec, result.get("model_measured") or {}, spec)
+                result.update(agent=agent, path=est.path, n_ctx=spec.n_ctx,
+                              booked_bytes=rec.booked_bytes, estimate_source=rec.source,
+                              model_booked_bytes=mrec.booked_bytes,
+                              weights_source=mrec.source, estimate=est.estimated)
+            else:
+                self._unbook(agent, "register failed")
+            self._send(identity, msg.id, dict(result, **self._ledger_numbers()))
+
+        self._submit("REGISTER", {"agent": agent, "path": est.path, "spec": spec.as_dict()},
+                     done, on_error=lambda: self._unbook(agent, "register not queued"))
+        return None
+
+    def _book(self, agent, model, est, spec, identity, state="registering"):
+        """Reserve the agent's context (and its model's weights if not yet booked) atomically,
+        then record both; raise VRAM_LEDGER_DENY with the numbers if they do not fit."""
         mrec = self.models.get(est.path)
         want = {f"agent:{agent}": est.context}
         if mrec is None:
@@ -287,27 +318,12 @@ class Broker:
         mrec.agents.add(agent)
         rec = self.agents[agent] = Agent(agent, model, est.path, spec.n_ctx, est.context,
                                          est.context_source, spec.as_dict(), identity,
-                                         est.estimated.get("context_device", est.context))
+                                         est.estimated.get("context_device", est.context),
+                                         state=state)
         log.info("admission: reserved agent=%s context=%d (%s) weights=%s (%s)", agent,
                  est.context, est.context_source,
                  est.weights if f"model:{est.path}" in want else "shared", est.weights_source)
-
-        def done(result):
-            if result.get("status") == "ok":
-                rec.state = "ready"
-                if result.get("model_loaded"):
-                    self._reconcile_model(mrec, result.get("model_measured") or {}, spec)
-                result.update(agent=agent, path=est.path, n_ctx=spec.n_ctx,
-                              booked_bytes=rec.booked_bytes, estimate_source=rec.source,
-                              model_booked_bytes=mrec.booked_bytes,
-                              weights_source=mrec.source, estimate=est.estimated)
-            else:
-                self._unbook(agent, "register failed")
-            self._send(identity, msg.id, dict(result, **self._ledger_numbers()))
-
-        self._submit("REGISTER", {"agent": agent, "path": est.path, "spec": spec.as_dict()},
-                     done, on_error=lambda: self._unbook(agent, "register not queued"))
-        return None
+        return rec, mrec
 
     def _default_spec(self):
         cuda = self.worker.device.get("kind") == "cuda"
@@ -404,6 +420,9 @@ class Broker:
                 rec.last_active = time.time()
             result = dict(result, agent=rec.agent, broker_ms=round(
                 (time.monotonic() - t0) * 1000, 2))
+            if rec.context_reset and result.get("status") == "ok":
+                result["context_reset"] = True      # said once, on the first reply after it
+                rec.context_reset = False
             self._send(identity, msg.id, result)
 
         self._submit("DECODE", {"agent": rec.agent, "prompt": prompt, "n_predict": n_predict,
@@ -478,6 +497,9 @@ class Broker:
 
     def _agent(self, agent):
         rec = self.agents.get(agent)
+        if rec is None and agent in self.lost:
+            raise LmxError(Code.AGENT_LOST, f"agent {agent!r} was registered but could not be "
+                           f"restored after a restart: {self.lost[agent]}")
         if rec is None or rec.state == "leaving":
             raise LmxError(Code.UNKNOWN_AGENT, f"no agent {agent!r} is registered")
         return rec
@@ -492,6 +514,7 @@ class Broker:
             if not mrec.agents:
                 freed += self.ledger.release(f"model:{mrec.path}")
                 del self.models[mrec.path]
+        self.journal.drop(agent)
         log.info("admission: released agent=%s bytes=%d (%s)", agent, freed, why)
         return freed
 
@@ -519,6 +542,7 @@ class Broker:
         if msg.verb == "READY" and self.worker.state == "ready" and not was_ready:
             self._adopt_device()
             self._backoff = 1.0
+            self._restore_agents()
         if finished is not None:
             job, result = finished
             job.done(result)
@@ -539,11 +563,52 @@ class Broker:
             self._worker_lost("exited while starting")
 
     def _worker_lost(self, why):
-        """Fail every unfinished job with WORKER_LOST and drop agents whose state died."""
+        """Fail every unfinished job with WORKER_LOST; keep the agents and their bookings, to
+        be rebuilt on the next worker (from their state on disk where it was parked)."""
         err = LmxError(Code.WORKER_LOST, f"the worker died ({why}) with this request in flight")
         for job in self.worker.fail_all(why):
             job.done(err.fields())
-        for agent in list(self.agents):
-            self._unbook(agent, "worker lost; context gone")
+        for rec in self.agents.values():
+            rec.state = "restoring"
         self._respawn_at = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, 32.0)
+
+    # -- recovery -----------------------------------------------------------------------
+
+    def _replay_journal(self):
+        """After a broker restart: book and rebuild every agent the journal remembers."""
+        for agent, entry in list(self.journal.agents.items()):
+            if agent in self.agents:
+                continue
+            try:
+                spec = ContextSpec(**entry["spec"])
+                est = estimate(entry["model"], spec, self.config.table,
+                               self.worker.device.get("kind", "cpu"), self.measured,
+                               model_dirs=self.config.model_dirs)
+                self._book(agent, entry["model"], est, spec, b"", state="restoring")
+            except (LmxError, TypeError, KeyError) as exc:
+                self._mark_lost(agent, f"journal replay: {exc}")
+        self._restore_agents()
+
+    def _restore_agents(self):
+        """Ask the (new) worker to rebuild every agent marked restoring, resuming from disk."""
+        for rec in [r for r in self.agents.values() if r.state == "restoring"]:
+            def done(result, rec=rec):
+                if result.get("status") == "ok":
+                    rec.state = "ready"
+                    rec.context_reset = not result.get("resumed")
+                    log.info("recovery: agent=%s %s", rec.agent, "resumed from disk"
+                             if result.get("resumed") else "rebuilt; its context was reset")
+                else:
+                    self._mark_lost(rec.agent, result.get("message", "restore failed"))
+            self.worker.submit("REGISTER", {"agent": rec.agent, "path": rec.path,
+                                            "spec": rec.spec, "resume": True}, done,
+                               time.monotonic())
+
+    def _mark_lost(self, agent, why):
+        """An agent that was registered and cannot be restored: say so, never silently."""
+        if agent in self.agents:
+            self._unbook(agent, f"lost: {why}")
+        self.journal.drop(agent)
+        self.lost[agent] = why
+        log.error("recovery: agent=%s lost: %s", agent, why)

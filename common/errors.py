@@ -17,6 +17,7 @@ class Code:
     MODEL_ERROR = "MODEL_ERROR"            # unknown key, missing file, not a GGUF, load failure
     AGENT_EXISTS = "AGENT_EXISTS"
     UNKNOWN_AGENT = "UNKNOWN_AGENT"
+    AGENT_LOST = "AGENT_LOST"              # registered once, but could not be restored
     CONTEXT_FULL = "CONTEXT_FULL"          # prompt + n_predict would overflow the agent's n_ctx
     BUSY = "BUSY"                          # request queue full; carries queue_depth
     LIMIT = "LIMIT"                        # a configured limit (prompt tokens, agents per client)

@@ -53,7 +53,8 @@ CLIENT_VERBS = {
 
 # Broker -> worker jobs.
 WORKER_JOBS = {
-    "REGISTER": {"agent": Field(str), "path": Field(str), "spec": Field(dict)},
+    "REGISTER": {"agent": Field(str), "path": Field(str), "spec": Field(dict),
+                 "resume": Field(bool, False)},
     "UNREGISTER": {"agent": Field(str)},
     "DECODE": {"agent": Field(str), "prompt": Field(str), "n_predict": Field(int),
                "max_prompt_tokens": Field(int, False)},

@@ -10,12 +10,14 @@ import llama_cpp  # noqa: I001  -- must precede numpy: the CUDA load segfaulted 
 
 import ctypes
 import logging
+import os
 import time
 
 import numpy as np
 
 from lmx.common.ctxspec import KV_TYPES, ContextSpec
 from lmx.common.errors import Code, LmxError, Reason
+from lmx.worker import parkdisk
 from lmx.worker.device import HostBuffer
 from lmx.worker.llamalog import LlamaLog
 
@@ -97,8 +99,11 @@ class Slot:
 class Engine:
     """Models, slots and the one live context of this worker."""
 
-    def __init__(self, n_threads, gpu, pinned, process_bytes=None):
+    def __init__(self, n_threads, gpu, pinned, process_bytes=None, park_dir=None):
         self.process_bytes = process_bytes or (lambda: None)   # NVML reading of this process
+        self.park_dir = park_dir          # also park to disk here (survives restarts)
+        if park_dir:
+            os.makedirs(park_dir, mode=0o700, exist_ok=True)
         self.n_threads = n_threads
         self.gpu = gpu
         self.pinned = pinned
@@ -149,18 +154,40 @@ class Engine:
 
     # -- agents -------------------------------------------------------------------------
 
-    def register(self, agent, path, spec):
-        """Acquire the model (refcounted) and create the agent's slot (spec: ContextSpec)."""
+    def register(self, agent, path, spec, resume=False):
+        """Acquire the model (refcounted) and create the agent's slot (spec: ContextSpec).
+
+        resume: pick up the agent's state parked on disk before a restart, if it matches."""
         if agent in self.slots:
             raise LmxError(Code.AGENT_EXISTS, f"agent {agent!r} already has a slot")
         fresh = path not in self.models
         model = self._acquire(path)
-        self.slots[agent] = Slot(agent, model, spec)
-        return {"model_loaded": fresh, "model_refs": model.refs,
+        slot = self.slots[agent] = Slot(agent, model, spec)
+        resumed = resume and self._resume(slot)
+        if not resume and self.park_dir:
+            parkdisk.remove(self.park_dir, agent)         # a new agent of an old name
+        return {"model_loaded": fresh, "model_refs": model.refs, "resumed": resumed,
                 "load_ms": round(model.load_ms, 1) if fresh else 0.0,
                 "buffers": model.buffers, "n_vocab": model.n_vocab,
                 "model_measured": {"device_bytes": device_bytes(model.buffers, self.gpu),
                                    "nvml_delta": model.nvml_delta}}
+
+    def _disk_key(self, slot):
+        return {"model": slot.model.path, "model_size": os.path.getsize(slot.model.path),
+                "spec": slot.spec.as_dict()}
+
+    def _resume(self, slot):
+        """Load parked state from disk into host memory; True if there was a valid one."""
+        found = self.park_dir and parkdisk.load(self.park_dir, slot.agent, self._disk_key(slot))
+        if not found:
+            return False
+        raw, meta = found
+        buf = HostBuffer(len(raw), self.pinned)
+        ctypes.memmove(buf.data, raw, len(raw))
+        slot.parked, slot.parked_bytes = buf, len(raw)
+        slot.n_past, slot.pending = meta["n_past"], meta["pending"]
+        log.info("worker: resumed %s from disk (%d tokens)", slot.agent, slot.n_past)
+        return True
 
     def unregister(self, agent):
         """Free the agent's context or parked state, its slot, and its model reference."""
@@ -168,6 +195,8 @@ class Engine:
         if self.live is slot:
             self._free_ctx()
         self._drop_parked(slot)
+        if self.park_dir:
+            parkdisk.remove(self.park_dir, agent)
         del self.slots[agent]
         return {"model_freed": self._release(slot.model)}
 
@@ -221,6 +250,10 @@ class Engine:
             buf = HostBuffer(size, self.pinned)
             written = llama_cpp.llama_state_get_data(self.ctx, buf.data, size)
             slot.parked, slot.parked_bytes = buf, written
+            if self.park_dir:
+                parkdisk.save(self.park_dir, slot.agent, ctypes.string_at(buf.data, written),
+                              dict(self._disk_key(slot), n_past=slot.n_past,
+                                   pending=slot.pending))
         self._free_ctx()
         return slot.agent
 
@@ -239,6 +272,8 @@ class Engine:
             return evicted, False
         read = llama_cpp.llama_state_set_data(self.ctx, slot.parked.data, slot.parked_bytes)
         self._drop_parked(slot)
+        if self.park_dir:
+            parkdisk.remove(self.park_dir, slot.agent)    # the live context is the truth now
         if read == 0:
             slot.n_past, slot.pending = 0, []
             raise LmxError(Code.INTERNAL, f"restoring {slot.agent!r} failed; its context was "

@@ -35,7 +35,8 @@ def run_job(engine, msg):
     f = msg.fields
     try:
         if msg.verb == "REGISTER":
-            out = engine.register(f["agent"], f["path"], ContextSpec(**f["spec"]))
+            out = engine.register(f["agent"], f["path"], ContextSpec(**f["spec"]),
+                                  resume=bool(f.get("resume")))
         elif msg.verb == "UNREGISTER":
             out = engine.unregister(f["agent"])
         elif msg.verb == "DECODE":
@@ -149,9 +150,11 @@ class Worker:
 @click.option("--simulate-others", type=click.Path(dir_okay=False), default=None,
               help="CPU only: the bytes other processes hold, read from this file at every "
               "reading (stands in for NVML where there is no GPU).")
+@click.option("--park-dir", type=click.Path(file_okay=False), default=None,
+              help="Also write parked KV state here, so a restart can resume conversations.")
 @click.option("--log-level", default="INFO", show_default=True)
 def main(broker, vram_total, gpu_index, force_cpu, threads, heartbeat, liveness,
-         simulate_others, log_level):
+         simulate_others, park_dir, log_level):
     """Run one lmx worker: the llama.cpp backend for one GPU (or the CPU)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     try:
@@ -163,7 +166,7 @@ def main(broker, vram_total, gpu_index, force_cpu, threads, heartbeat, liveness,
     n_threads = threads or default_threads()
 
     engine = Engine(n_threads, gpu=device.kind == "cuda", pinned=device.kind == "cuda",
-                    process_bytes=lambda: device.read()["process_bytes"])
+                    process_bytes=lambda: device.read()["process_bytes"], park_dir=park_dir)
     worker = Worker(broker, device, engine, heartbeat, liveness)
     # Signal handlers do no work: they ask the loop to stop.
     signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "stop", True))

@@ -1,0 +1,58 @@
+"""Parked KV state on disk, so a worker (or broker) restart can resume an agent's conversation.
+
+Each parked agent has `<dir>/<agent>.state` (llama_state_get_data bytes) and
+`<dir>/<agent>.json` (model path and size, the context spec, n_past, pending tokens), both
+written through a temporary file and renamed, the JSON last. A state is valid only for the
+same model file and spec. Files go when the agent is unregistered or its state is restored into
+a live context (from then on the conversation lives only in that context).
+"""
+import json
+import logging
+import os
+
+log = logging.getLogger("lmx.worker")
+
+
+def _paths(folder, agent):
+    return os.path.join(folder, f"{agent}.state"), os.path.join(folder, f"{agent}.json")
+
+
+def _write_atomic(path, data, mode):
+    tmp = path + ".tmp"
+    with open(tmp, mode) as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save(folder, agent, raw, meta):
+    """Write the state bytes, then the metadata that makes them valid."""
+    state, info = _paths(folder, agent)
+    _write_atomic(state, raw, "wb")
+    _write_atomic(info, json.dumps(meta), "w")
+
+
+def load(folder, agent, expect):
+    """(bytes, meta) if a state for this agent matches `expect` (model, size, spec), else None."""
+    state, info = _paths(folder, agent)
+    try:
+        with open(info) as fh:
+            meta = json.load(fh)
+        if any(meta.get(k) != v for k, v in expect.items()):
+            log.warning("worker: parked state of %s does not match its model/spec; ignored",
+                        agent)
+            return None
+        with open(state, "rb") as fh:
+            return fh.read(), meta
+    except (OSError, ValueError):
+        return None
+
+
+def remove(folder, agent):
+    """Forget an agent's parked state on disk."""
+    for path in _paths(folder, agent):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
