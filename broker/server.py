@@ -555,7 +555,11 @@ class Broker:
             dead = wk.process_exited() or not is_alive(wk.last_seen, now, wk.heartbeat_s,
                                                        wk.liveness)
             if dead:
-                self._worker_lost("exited" if wk.process_exited() else "heartbeats stopped")
+                exited = wk.process_exited()
+                if not exited and wk.proc is not None:
+                    wk.proc.kill()          # hung, not dead: it must not keep the GPU memory
+                    wk.proc.wait()
+                self._worker_lost("exited" if exited else "heartbeats stopped")
         elif wk.state == "lost" and self.config.spawn_worker and now >= self._respawn_at:
             wk.restarts += 1
             wk.spawn(self.config.worker_endpoint, self.config.worker_args)

@@ -62,3 +62,13 @@ def test_estimate_accuracy_and_ledger_check_tiny(tiny, tmp_path):
     assert "| model | n_ctx |" in text
     text = run("ledger_check.py", tiny[0], tiny[1], "--n-ctx", "512", "--broker-arg=--cpu")
     assert "context a1 (n_ctx 512)" in text
+
+
+def test_soak_short(tiny, tmp_path):
+    """100 simulated agents for a few seconds: ledger back to its start, no descriptor leak."""
+    text = run("soak.py", "--cpu", "--agents", "100", "--seconds", "8", "--model", tiny[0],
+               "--model", tiny[1], "--out", str(tmp_path))
+    r = json.loads(text)
+    assert r["ledger_back_to_start"] and r["broker_fds_delta"] == 0
+    assert r["by_outcome"].get("DECODE ok", 0) > 50
+    assert not any(k.endswith("TIMEOUT") or "INTERNAL" in k for k in r["by_outcome"])

@@ -89,3 +89,30 @@ def test_a_second_broker_on_the_same_socket_is_refused(broker_factory, tmp_path)
                         "--threads", "1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "another lmx broker" in r.stderr
     assert first.status()["worker_state"] == "ready"
+
+
+def test_a_hung_worker_is_declared_lost_within_two_heartbeats(broker_factory, table):
+    broker = broker_factory("--vram-table", str(table), "--heartbeat", "0.5")
+    with broker.client() as c:
+        c.register("h", "smol")
+    pid = broker.status()["worker_pid"]
+    outcome = {}
+
+    def decode():
+        with broker.client() as c:
+            outcome["reply"] = c.call("DECODE", agent="h", prompt="Once upon a time",
+                                      n_predict=2000)
+            outcome["at"] = time.monotonic()
+
+    t = threading.Thread(target=decode)
+    t.start()
+    wait_until(lambda: broker.status()["inflight"], what="decode in flight")
+    os.kill(pid, signal.SIGSTOP)                 # alive but silent
+    stopped_at = time.monotonic()
+    t.join(30)
+    assert outcome["reply"]["code"] == "WORKER_LOST"
+    # liveness 2 x 0.5 s after the last heartbeat, checked every 0.25 s
+    assert outcome["at"] - stopped_at < 2 * 0.5 + 0.5
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}") or
+               open(f"/proc/{pid}/stat").read().split()[2] == "Z", 10,
+               what="the hung worker to be killed")

@@ -39,6 +39,18 @@ def device_bytes(buffers, cuda):
     return total
 
 
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc
+    _LIBC = None
+
+
+def _trim_heap():
+    """Give freed heap back to the OS (glibc keeps it in per-thread arenas otherwise)."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
 def _delta(before, after):
     return None if before is None or after is None else after - before
 
@@ -148,6 +160,7 @@ class Engine:
         if model.refs == 0:
             llama_cpp.llama_model_free(model.ptr)
             del self.models[model.path]
+            _trim_heap()
             log.info("worker: freed %s", model.path)
             return True
         return False
