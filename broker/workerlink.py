@@ -10,8 +10,6 @@ import subprocess
 import sys
 import time
 
-import zmq
-
 from lmx.common import protocol
 from lmx.common.errors import Code, LmxError
 

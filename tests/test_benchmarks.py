@@ -1,7 +1,6 @@
 """The benchmark scripts in a tiny CPU mode, so they cannot rot (their GPU figures live in
 benchmarks/README.md)."""
 import json
-import os
 import subprocess
 import sys
 

@@ -2,7 +2,6 @@
 valid-looking requests. The broker never dies, every message gets exactly one reply, and the
 ledger's invariants hold after every reply (checked with STATUS every 100 messages)."""
 import msgpack
-import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -4,7 +4,6 @@ import signal
 import threading
 import time
 
-import pytest
 
 from conftest import wait_until
 from lmx.common.errors import Code, LmxError

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from lmx.common.ctxspec import KV_TYPES, ContextSpec
+from lmx.common.ctxspec import KV_TYPES
 from lmx.common.errors import Code, LmxError, Reason
 from lmx.worker import parkdisk
 from lmx.worker.device import HostBuffer

@@ -1,0 +1,64 @@
+"""HELP, STATUS and LIST: what the broker shows of itself (mixed into Broker)."""
+import time
+
+from lmx.broker.records import VERSION
+from lmx.common import protocol
+
+
+class ViewsMixin:
+    """Read-only handlers."""
+
+    def on_help(self, _identity, _msg):
+        """HELP: the verbs and their fields."""
+        return {"protocol": list(protocol.PROTOCOL_VERSION), "verbs": protocol.help_text()}
+
+    def on_status(self, _identity, _msg):
+        """STATUS: ledger, device, worker, queue and counters."""
+        dev, wk = self.worker.device, self.worker
+        return {"version": VERSION, "protocol": list(protocol.PROTOCOL_VERSION),
+                "endpoint": self.config.endpoint, "uptime_s": round(time.time() - self.started, 1),
+                **self._ledger_numbers(), "admission_percent": self.ledger.admission_percent,
+                "ledger_percent_cap_bytes": self.ledger.percent_cap,
+                "external_bytes": self.ledger.external_bytes,
+                "bookings": self.ledger.snapshot()["bookings"],
+                "device_kind": dev.get("kind"), "device_name": dev.get("name"),
+                "device_source": dev.get("source"),
+                "device_total_bytes": dev.get("total_bytes"),
+                "device_used_bytes": dev.get("used_bytes"),
+                "device_free_bytes": dev.get("free_bytes"),
+                "worker_pid": wk.pid, "worker_state": wk.state, "worker_restarts": wk.restarts,
+                "worker_process_bytes": dev.get("process_bytes"),
+                "streaming_available": (dev.get("streaming") or {}).get("available", False),
+                "streaming_reason": (dev.get("streaming") or {}).get("reason"),
+                "live_agent": wk.engine.get("live_agent"),
+                "models": self._models(), "agents": len(self.agents),
+                "queue_depth": len(wk.queue), "inflight": wk.inflight is not None,
+                **self.counters}
+
+    def on_list(self, _identity, _msg):
+        """LIST: every agent with its booking and state."""
+        slots = self.worker.engine.get("slots", {})
+        keys = (("live", False), ("parked_bytes", 0), ("parked_pinned", False), ("n_past", 0))
+        return {"agents": [dict(vars(a), owner=a.owner.hex(),
+                                **{k: slots.get(a.agent, {}).get(k, d) for k, d in keys})
+                           for a in self.agents.values()]}
+
+    def _ledger_numbers(self):
+        return {"ledger_max_bytes": self.ledger.max_bytes,
+                "ledger_allocated_bytes": self.ledger.allocated_bytes}
+
+    def _models(self):
+        refs = self.worker.engine.get("models", {})
+        out = []
+        for path, m in sorted(self.models.items()):
+            ctx = [self.agents[a] for a in m.agents if a in self.agents]
+            out.append({"path": path, "agents": len(m.agents), "booked_bytes": m.booked_bytes,
+                        "estimated_bytes": m.estimated_bytes, "measured_bytes": m.measured_bytes,
+                        "source": m.source,
+                        "context_booked_bytes": sum(a.booked_bytes for a in ctx),
+                        "worker_refs": refs.get(path, {}).get("refs", 0)})
+        for path, info in refs.items():
+            if path not in self.models:      # held by the worker but booked by nobody: a bug
+                out.append({"path": path, "agents": 0, "booked_bytes": 0,
+                            "worker_refs": info.get("refs", 0)})
+        return out
