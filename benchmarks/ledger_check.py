@@ -10,15 +10,13 @@ beside the ledger's total. Agents are swapped one live context at a time, so NVM
 weights of every model but only one context.
 """
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 
 import click
 
-from lmx.common.client import Client, LmxTimeout
+import benchlib
+from lmx.common.client import Client
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
@@ -28,20 +26,10 @@ from lmx.common.client import Client, LmxTimeout
 @click.option("--broker-arg", "broker_args", multiple=True, help="Passed to lmx-broker.")
 def main(models, n_ctx, as_json, broker_args):
     """Register, decode, and compare the ledger with the device."""
-    folder = tempfile.mkdtemp(prefix="lmx-ledger-")
-    endpoint = f"ipc://{folder}/lmx.sock"
-    dirs = sorted({os.path.dirname(os.path.abspath(m)) for m in models})
-    proc = subprocess.Popen([sys.executable, "-m", "lmx.broker.main", "--endpoint", endpoint,
-                             "--state-dir", folder, *sum((["--model-dir", d] for d in dirs), []),
-                             *broker_args], stderr=subprocess.DEVNULL)
+    proc, endpoint, _ = benchlib.start_broker(tempfile.mkdtemp(prefix="lmx-ledger-"), models,
+                                              *broker_args)
     try:
         with Client(endpoint, timeout=120) as c:
-            for _ in range(300):
-                try:
-                    c.call("STATUS", timeout=0.5)
-                    break
-                except LmxTimeout:
-                    time.sleep(0.2)
             for i, m in enumerate(models):
                 c.register(f"a{i}", m, n_ctx=n_ctx)
                 c.decode(f"a{i}", "Hello", 4)

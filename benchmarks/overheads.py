@@ -29,7 +29,7 @@ import zmq
 
 import benchlib
 from lmx.common import protocol
-from lmx.common.client import Client, LmxTimeout
+from lmx.common.client import Client
 
 ECHO = r"""
 import sys, zmq
@@ -209,22 +209,15 @@ def main(model, n_ctx, n_predict, repeats, state_tokens, rtt_requests, cpu, thre
          "n_ctx": n_ctx, "n_predict": n_predict}
     r["raw"] = raw_llama(model, n_ctx, n_predict, repeats, gpu, threads)
     folder = tempfile.mkdtemp(prefix="lmx-over-")
-    endpoint, echo_ep = f"ipc://{folder}/lmx.sock", f"ipc://{folder}/echo.sock"
-    cmd = [sys.executable, "-m", "lmx.broker.main", "--endpoint", endpoint, "--state-dir",
-           folder, "--threads", str(threads), "--max-n-predict", str(max(n_predict, 4096)),
-           "--model-dir", os.path.dirname(os.path.abspath(model))]
-    broker = subprocess.Popen(cmd + (["--cpu"] if not gpu else []), stderr=subprocess.DEVNULL)
+    echo_ep = f"ipc://{folder}/echo.sock"
+    broker, endpoint, status = benchlib.start_broker(
+        folder, [model], "--threads", str(threads), "--max-n-predict", str(max(n_predict, 4096)),
+        *([] if gpu else ["--cpu"]))
     echo = subprocess.Popen([sys.executable, "-c", ECHO, echo_ep], stdout=subprocess.PIPE,
                             text=True)
     echo.stdout.readline()
     try:
         with Client(endpoint, timeout=600) as c:
-            for _ in range(600):
-                try:
-                    status = c.call("STATUS", timeout=0.5)
-                    break
-                except LmxTimeout:
-                    time.sleep(0.2)
             r["device"] = status.get("device_name")
             r["lmx"] = lmx_decode(c, model, n_ctx, n_predict, repeats)
         r["rtt"] = {"broker": {}, "echo": {}}

@@ -14,7 +14,6 @@ import collections
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import threading
@@ -22,6 +21,7 @@ import time
 
 import click
 
+import benchlib
 from lmx.common.client import Client, LmxTimeout
 
 
@@ -105,23 +105,13 @@ def quarters(rss):
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False))
 def main(agents, seconds, models, cpu, seed, out_dir):
     """Run the soak and print its report (JSON)."""
-    folder = tempfile.mkdtemp(prefix="lmx-soak-")
-    endpoint = f"ipc://{folder}/lmx.sock"
     models = [os.path.abspath(m) for m in models]
-    dirs = sorted({os.path.dirname(m) for m in models})
-    cmd = [sys.executable, "-m", "lmx.broker.main", "--endpoint", endpoint, "--state-dir",
-           folder, "--max-agents-per-client", "4", *sum((["--model-dir", d] for d in dirs), [])]
-    broker = subprocess.Popen(cmd + (["--cpu", "--threads", "2"] if cpu else []),
-                              stderr=subprocess.DEVNULL)
+    broker, endpoint, _ = benchlib.start_broker(
+        tempfile.mkdtemp(prefix="lmx-soak-"), models, "--max-agents-per-client", "4",
+        *(["--cpu", "--threads", "2"] if cpu else []))
     counts, lock = collections.Counter(), threading.Lock()
     try:
         with Client(endpoint, timeout=60) as c:
-            for _ in range(600):
-                try:
-                    c.call("STATUS", timeout=0.5)
-                    break
-                except LmxTimeout:
-                    time.sleep(0.2)
             before = snapshot(c, broker.pid)
             worker_pid = c.request("STATUS")["worker_pid"]
             t0 = time.monotonic()

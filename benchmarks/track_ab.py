@@ -23,7 +23,7 @@ import time
 import click
 
 import benchlib
-from lmx.common.client import Client, LmxTimeout
+from lmx.common.client import Client
 from lmx.common.config import parse_size
 
 RAW = r"""
@@ -71,12 +71,6 @@ def track_a(models, n_ctx, fa, gpu, watch, folder):
     return rows
 
 
-def model_dir_args(models):
-    """--model-dir for the folder of every model (the broker loads paths only from there)."""
-    dirs = sorted({os.path.dirname(os.path.abspath(m)) for m in models})
-    return sum((["--model-dir", d] for d in dirs), [])
-
-
 def _call(c, verb, **fields):
     r = c.call(verb, **fields)
     keep = ("status", "code", "reason", "message", "booked_bytes", "model_booked_bytes",
@@ -87,22 +81,13 @@ def _call(c, verb, **fields):
 
 def track_b(models, n_ctx, alt_n_ctx, gpu, card, watch, folder):
     """lmx-broker on the same card: register at both contexts, decode, record every reply."""
-    endpoint = f"ipc://{folder}/lmx.sock"
-    cmd = [sys.executable, "-m", "lmx.broker.main", "--endpoint", endpoint, "--state-dir",
-           os.path.join(folder, "state"), *model_dir_args(models)]
-    if not gpu:
-        cmd += ["--cpu", "--vram-total", str(card), "--threads", "2"]
     log = open(os.path.join(folder, "broker.log"), "w")
-    broker = subprocess.Popen(cmd, stderr=log)
+    broker, endpoint, status = benchlib.start_broker(
+        folder, models, *([] if gpu else ["--cpu", "--vram-total", str(card), "--threads", "2"]),
+        stderr=log)
     out = {"n_ctx": n_ctx, "alt_n_ctx": alt_n_ctx, "phases": []}
     try:
         with Client(endpoint, timeout=600) as c:
-            for _ in range(600):
-                try:
-                    status = c.call("STATUS", timeout=0.5)
-                    break
-                except LmxTimeout:
-                    time.sleep(0.2)
             watch.watch(status["worker_pid"], "B: lmx-worker")
             out["cap"] = {k: status[k] for k in ("ledger_max_bytes", "ledger_percent_cap_bytes",
                                                   "external_bytes", "device_total_bytes")}

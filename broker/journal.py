@@ -7,7 +7,8 @@ either the old or the new journal, never half of one.
 import json
 import logging
 import os
-import tempfile
+
+from lmx.common.files import write_atomic
 
 log = logging.getLogger("lmx.broker")
 
@@ -34,13 +35,5 @@ class Journal:
             self._write()
 
     def _write(self):
-        if not self.path:
-            return
-        folder = os.path.dirname(self.path) or "."
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".journal-")
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"version": 1, "agents": self.agents}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        if self.path:
+            write_atomic(self.path, json.dumps({"version": 1, "agents": self.agents}))

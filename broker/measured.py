@@ -6,7 +6,8 @@ measured bytes plus the reconciliation margin. The file is JSON, rewritten atomi
 import json
 import logging
 import os
-import tempfile
+
+from lmx.common.files import write_atomic
 
 log = logging.getLogger("lmx.broker")
 
@@ -53,11 +54,5 @@ class MeasuredCache:
 
     def _store(self, key, nbytes):
         self.data[key] = int(nbytes)
-        if not self.path:
-            return
-        folder = os.path.dirname(self.path) or "."
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".measured-")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self.data, fh, indent=0, sort_keys=True)
-        os.replace(tmp, self.path)
+        if self.path:
+            write_atomic(self.path, json.dumps(self.data, indent=0, sort_keys=True))

@@ -10,6 +10,8 @@ import json
 import logging
 import os
 
+from lmx.common.files import write_atomic
+
 log = logging.getLogger("lmx.worker")
 
 
@@ -17,20 +19,11 @@ def _paths(folder, agent):
     return os.path.join(folder, f"{agent}.state"), os.path.join(folder, f"{agent}.json")
 
 
-def _write_atomic(path, data, mode):
-    tmp = path + ".tmp"
-    with open(tmp, mode) as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def save(folder, agent, raw, meta):
     """Write the state bytes, then the metadata that makes them valid."""
     state, info = _paths(folder, agent)
-    _write_atomic(state, raw, "wb")
-    _write_atomic(info, json.dumps(meta), "w")
+    write_atomic(state, raw)
+    write_atomic(info, json.dumps(meta))
 
 
 def load(folder, agent, expect):
