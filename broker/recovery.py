@@ -70,7 +70,7 @@ class RecoveryMixin:
                     self._mark_lost(rec.agent, result.get("message", "restore failed"))
             self.worker.submit("REGISTER", {"agent": rec.agent, "path": rec.path,
                                             "spec": rec.spec, "resume": True}, done,
-                               time.monotonic())
+                               time.monotonic(), internal=True)
 
     def _mark_lost(self, agent, why):
         """An agent that was registered and cannot be restored: say so, never silently."""

@@ -235,6 +235,9 @@ class Broker(AdmissionMixin, RecoveryMixin, ViewsMixin):
             self._restore_agents()
         if finished is not None:
             job, result = finished
-            job.done(result)
-            self._reconcile_overhead(self.worker.engine)
+            try:
+                job.done(result)
+                self._reconcile_overhead(self.worker.engine)
+            except Exception:  # a callback bug must never kill the loop
+                log.exception("broker: %s result handling failed", job.verb)
         self.worker.pump(time.monotonic())

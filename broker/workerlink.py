@@ -123,11 +123,13 @@ class WorkerLink:
 
     # -- jobs ---------------------------------------------------------------------------
 
-    def submit(self, verb, fields, done, now):
-        """Queue a job; raise BUSY when the queue is full or WORKER_UNAVAILABLE when down."""
+    def submit(self, verb, fields, done, now, internal=False):
+        """Queue a job; raise BUSY when the queue is full or WORKER_UNAVAILABLE when down.
+
+        internal jobs (rebuilding agents after a restart) are never refused for depth."""
         if self.state != "ready":
             raise LmxError(Code.WORKER_UNAVAILABLE, f"worker is {self.state}; try again")
-        if len(self.queue) >= self.queue_depth:
+        if len(self.queue) >= self.queue_depth and not internal:
             raise LmxError(Code.BUSY, f"request queue is full ({len(self.queue)} waiting)",
                            queue_depth=len(self.queue), max_queue_depth=self.queue_depth)
         self.queue.append(Job(next(self._ids), verb, fields, done, now))
