@@ -153,9 +153,10 @@ class AdmissionMixin:
         return None
 
     def on_decode(self, identity, msg):
-        """DECODE: validate, queue for the worker, and forward its result."""
+        """DECODE: validate, queue for the worker, stream its tokens, forward its result."""
         rec = self._agent(msg.fields["agent"])
         prompt, n_predict = msg.fields["prompt"], msg.fields["n_predict"]
+        deadline_ms = msg.fields.get("deadline_ms")
         if not 1 <= n_predict <= self.config.max_n_predict:
             raise LmxError(Code.BAD_REQUEST, f"n_predict must be in [1, "
                            f"{self.config.max_n_predict}], got {n_predict}", Reason.BAD_VALUE,
@@ -165,9 +166,14 @@ class AdmissionMixin:
         if len(prompt.encode("utf-8", "surrogatepass")) > self.config.max_prompt_bytes:
             raise LmxError(Code.BAD_REQUEST, f"prompt exceeds {self.config.max_prompt_bytes} "
                            "bytes", Reason.BAD_VALUE, field="prompt")
+        if deadline_ms is not None and not 1 <= deadline_ms <= 3_600_000:
+            raise LmxError(Code.BAD_REQUEST, "deadline_ms must be in [1, 3600000]",
+                           Reason.BAD_VALUE, field="deadline_ms")
         t0 = time.monotonic()
+        key = (rec.agent, msg.id)
 
         def done(result):
+            self.requests.pop(key, None)
             if result.get("context_measured"):
                 self._reconcile_context(rec, result["context_measured"])
             if result.get("status") == "ok":
@@ -176,14 +182,36 @@ class AdmissionMixin:
                 rec.last_active = time.time()
             result = dict(result, agent=rec.agent, broker_ms=round(
                 (time.monotonic() - t0) * 1000, 2))
+            if job.sent_at is not None:
+                result["queue_ms"] = round((job.sent_at - job.queued_at) * 1000, 2)
             if rec.context_reset and result.get("status") == "ok":
                 result["context_reset"] = True      # said once, on the first reply after it
                 rec.context_reset = False
             self._send(identity, msg.id, result)
 
-        self._submit("DECODE", {"agent": rec.agent, "prompt": prompt, "n_predict": n_predict,
-                                "max_prompt_tokens": self.config.max_prompt_tokens}, done)
+        def partial(fields):
+            self._send(identity, msg.id, dict(fields, status="partial", agent=rec.agent))
+
+        job = self._submit("DECODE", {"agent": rec.agent, "prompt": prompt,
+                                      "n_predict": n_predict, "stream": bool(
+                                          msg.fields.get("stream")),
+                                      "max_prompt_tokens": self.config.max_prompt_tokens},
+                           done, deadline=t0 + deadline_ms / 1000 if deadline_ms else None,
+                           partial=partial if msg.fields.get("stream") else None)
+        self.requests[key] = job
         return None
+
+    def on_cancel(self, _identity, msg):
+        """CANCEL: drop a queued DECODE at once, or stop a running one at its next token."""
+        agent, request = msg.fields["agent"], msg.fields["request"]
+        job = self.requests.get((agent, request))
+        where = self.worker.cancel(job) if job is not None else None
+        if where is None:
+            raise LmxError(Code.UNKNOWN_REQUEST, f"no DECODE {request!r} of agent {agent!r} is "
+                           "queued or running")
+        if where == "queued":
+            job.done(LmxError(Code.CANCELLED, "cancelled before it started").fields())
+        return {"agent": agent, "request": request, "cancelled": where}
 
     def _check_agent_id(self, agent):
         if not cfg.AGENT_ID_RE.match(agent):
@@ -221,9 +249,9 @@ class AdmissionMixin:
         log.info("admission: released agent=%s bytes=%d (%s)", agent, freed, why)
         return freed
 
-    def _submit(self, verb, fields, done, on_error=None):
+    def _submit(self, verb, fields, done, on_error=None, **job_options):
         try:
-            self.worker.submit(verb, fields, done, time.monotonic())
+            return self.worker.submit(verb, fields, done, time.monotonic(), **job_options)
         except LmxError:
             if on_error:
                 on_error()

@@ -96,7 +96,8 @@ class Broker(AdmissionMixin, RecoveryMixin, ViewsMixin):
         self.counters = {"requests": 0, "errors": 0}
         self.handlers = {"HELP": self.on_help, "STATUS": self.on_status, "LIST": self.on_list,
                          "REGISTER": self.on_register, "UNREGISTER": self.on_unregister,
-                         "DECODE": self.on_decode}
+                         "DECODE": self.on_decode, "CANCEL": self.on_cancel}
+        self.requests = {}                  # (agent, request id) -> the DECODE's Job
         self._backoff = 1.0
         self._respawn_at = None
         self.auth = None
@@ -166,6 +167,9 @@ class Broker(AdmissionMixin, RecoveryMixin, ViewsMixin):
             if self.client in events:
                 self._drain(self.client, self._on_client)
             now = time.monotonic()
+            for job in self.worker.expire(now):
+                job.done(LmxError(Code.DEADLINE, "the deadline passed while the request was "
+                                  "queued").fields())
             if now >= next_beat:
                 self.worker.heartbeat()
                 next_beat = now + self.config.heartbeat_s
@@ -194,7 +198,7 @@ class Broker(AdmissionMixin, RecoveryMixin, ViewsMixin):
 
     def _send(self, identity, msg_id, fields):
         """Every reply to a client goes through here."""
-        if fields.get("status", "ok") != "ok":
+        if fields.get("status") == "error":
             self.counters["errors"] += 1
         self.client.send_multipart([identity, *protocol.encode_reply(msg_id, **fields)])
 

@@ -22,17 +22,19 @@ def is_alive(last_seen, now, interval, liveness):
 
 
 class Job:
-    """One unit of worker work and the callback that turns its result into a reply."""
+    """One unit of worker work and the callbacks that turn its output into replies."""
 
-    __slots__ = ("id", "verb", "fields", "done", "queued_at", "sent_at")
+    __slots__ = ("id", "verb", "fields", "done", "queued_at", "sent_at", "deadline", "partial")
 
-    def __init__(self, job_id, verb, fields, done, now):
+    def __init__(self, job_id, verb, fields, done, now, deadline=None, partial=None):
         self.id = job_id
         self.verb = verb
         self.fields = fields
         self.done = done          # done(result_fields) -> None
         self.queued_at = now
         self.sent_at = None
+        self.deadline = deadline  # monotonic seconds, or None
+        self.partial = partial    # partial(token_fields) for a streaming DECODE
 
 
 class WorkerLink:
@@ -112,6 +114,11 @@ class WorkerLink:
         self.last_seen = now
         if msg.verb == "HEARTBEAT" and msg.fields.get("device"):
             self.device = dict(msg.fields["device"], streaming=self.device.get("streaming"))
+        if msg.verb == "TOKEN":
+            job = self.inflight
+            if job is not None and job.id == msg.id and job.partial is not None:
+                job.partial(msg.fields)
+            return None
         if msg.verb != "RESULT":
             return None
         job, self.inflight = self.inflight, None
@@ -123,7 +130,7 @@ class WorkerLink:
 
     # -- jobs ---------------------------------------------------------------------------
 
-    def submit(self, verb, fields, done, now, internal=False):
+    def submit(self, verb, fields, done, now, internal=False, deadline=None, partial=None):
         """Queue a job; raise BUSY when the queue is full or WORKER_UNAVAILABLE when down.
 
         internal jobs (rebuilding agents after a restart) are never refused for depth."""
@@ -132,15 +139,37 @@ class WorkerLink:
         if len(self.queue) >= self.queue_depth and not internal:
             raise LmxError(Code.BUSY, f"request queue is full ({len(self.queue)} waiting)",
                            queue_depth=len(self.queue), max_queue_depth=self.queue_depth)
-        self.queue.append(Job(next(self._ids), verb, fields, done, now))
+        job = Job(next(self._ids), verb, fields, done, now, deadline, partial)
+        self.queue.append(job)
         self.pump(now)
+        return job
 
     def pump(self, now):
         """Send the next queued job if none is in flight."""
         if self.inflight is None and self.queue and self.state == "ready":
             job = self.inflight = self.queue.popleft()
             job.sent_at = now
-            self._send(protocol.encode_request(job.verb, job.id, **job.fields))
+            fields = job.fields
+            if job.deadline is not None:    # the worker counts the time that is left
+                fields = dict(fields, deadline_ms=max(1, int((job.deadline - now) * 1000)))
+            self._send(protocol.encode_request(job.verb, job.id, **fields))
+
+    def cancel(self, job):
+        """Drop a queued job ("queued") or ask the worker to stop it ("running"); else None."""
+        if job in self.queue:
+            self.queue.remove(job)
+            return "queued"
+        if job is self.inflight:
+            self._send(protocol.encode_request("CANCEL", 0, job=job.id))
+            return "running"
+        return None
+
+    def expire(self, now):
+        """Remove and return queued jobs whose deadline has passed."""
+        late = [j for j in self.queue if j.deadline is not None and j.deadline <= now]
+        for job in late:
+            self.queue.remove(job)
+        return late
 
     def fail_all(self, message):
         """The worker is gone: mark it lost and return every unfinished job."""

@@ -4,8 +4,8 @@
         c.register("smol", "smol")
         print(c.decode("smol", "Hello, my name is", 24)["text"])
 """
+import collections
 import itertools
-import time
 
 import zmq
 
@@ -30,21 +30,45 @@ class Client:
         self._ctx = ctx or zmq.Context()
         self._sock = make_socket(self._ctx, zmq.DEALER, endpoint, curve=curve)
         self._ids = itertools.count(1)
+        self._waiting = {}            # request id -> replies received but not yet read
 
-    def call(self, verb, timeout=None, **fields):
-        """Send one request and return its reply dict, ok or error; LmxTimeout if none."""
+    def send(self, verb, **fields):
+        """Send one request without waiting; return its id (for replies() and CANCEL)."""
         msg_id = next(self._ids)
         self._sock.send_multipart(protocol.encode_request(verb, msg_id, **fields))
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
-                raise LmxTimeout(f"no reply to {verb} from {self.endpoint} "
-                                 f"within {self.timeout if timeout is None else timeout:g} s")
-            reply = protocol.decode_reply(self._sock.recv_multipart())
-            if reply.get("id") == msg_id:
+        self._waiting[msg_id] = collections.deque()
+        return msg_id
+
+    def replies(self, msg_id, timeout=None):
+        """Yield the replies to request msg_id, partial ones first, ending with the final one.
+
+        Replies to other requests of this client that arrive meanwhile are kept for them.
+        The timeout applies to each wait, so a long stream is fine while tokens flow."""
+        wait = self.timeout if timeout is None else timeout
+        box = self._waiting.setdefault(msg_id, collections.deque())
+        try:
+            while True:
+                while not box:
+                    if not self._sock.poll(int(wait * 1000) + 1):
+                        raise LmxTimeout(f"no reply to request {msg_id} from {self.endpoint} "
+                                         f"within {wait:g} s")
+                    reply = protocol.decode_reply(self._sock.recv_multipart())
+                    if reply.get("id") in self._waiting:
+                        self._waiting[reply["id"]].append(reply)
+                    # else: a late reply to a request given up on: dropped
+                reply = box.popleft()
+                yield reply
+                if reply.get("status") != "partial":
+                    return
+        finally:
+            self._waiting.pop(msg_id, None)
+
+    def call(self, verb, timeout=None, **fields):
+        """Send one request and return its final reply dict, ok or error; LmxTimeout if none."""
+        msg_id = self.send(verb, **fields)
+        for reply in self.replies(msg_id, timeout):
+            if reply.get("status") != "partial":
                 return reply
-            # A late reply to an earlier request that timed out: drop it.
 
     def request(self, verb, timeout=None, **fields):
         """Like call(), but raise LmxError on an error reply."""
@@ -61,9 +85,25 @@ class Client:
             fields["n_ctx"] = n_ctx
         return self.request("REGISTER", **fields)
 
-    def decode(self, agent, prompt, n_predict):
+    def decode(self, agent, prompt, n_predict, deadline_ms=None):
         """Greedy-decode up to n_predict tokens after `prompt`, continuing the conversation."""
-        return self.request("DECODE", agent=agent, prompt=prompt, n_predict=n_predict)
+        extra = {"deadline_ms": deadline_ms} if deadline_ms is not None else {}
+        return self.request("DECODE", agent=agent, prompt=prompt, n_predict=n_predict, **extra)
+
+    def decode_stream(self, agent, prompt, n_predict, deadline_ms=None):
+        """Like decode(), but yield each token's partial reply as it comes, then the final
+        reply (status "ok"); raise LmxError on an error reply."""
+        extra = {"deadline_ms": deadline_ms} if deadline_ms is not None else {}
+        msg_id = self.send("DECODE", agent=agent, prompt=prompt, n_predict=n_predict,
+                           stream=True, **extra)
+        for reply in self.replies(msg_id):
+            if reply.get("status") == "error":
+                raise LmxError.from_reply(reply)
+            yield reply
+
+    def cancel(self, agent, request):
+        """Stop DECODE `request` (the id send() returned) of `agent`."""
+        return self.request("CANCEL", agent=agent, request=request)
 
     def unregister(self, agent):
         """Release the agent and everything booked for it."""

@@ -20,6 +20,9 @@ class Code:
     AGENT_LOST = "AGENT_LOST"              # registered once, but could not be restored
     CONTEXT_FULL = "CONTEXT_FULL"          # prompt + n_predict would overflow the agent's n_ctx
     BUSY = "BUSY"                          # request queue full; carries queue_depth
+    CANCELLED = "CANCELLED"                # a queued DECODE dropped by CANCEL
+    DEADLINE = "DEADLINE"                  # a queued DECODE whose deadline passed first
+    UNKNOWN_REQUEST = "UNKNOWN_REQUEST"    # CANCEL for a request not queued or running
     LIMIT = "LIMIT"                        # a configured limit (prompt tokens, agents per client)
     FORBIDDEN = "FORBIDDEN"                # a model path outside the configured model dirs
     WORKER_UNAVAILABLE = "WORKER_UNAVAILABLE"

@@ -12,8 +12,8 @@ from lmx.common.client import Client, LmxTimeout
 from lmx.common.config import DEFAULT_ENDPOINT
 
 # DECODE's fields in the order a person reads them; the text comes last.
-DECODE_ORDER = ("agent", "prompt_tokens", "generated_tokens", "stopped_on_eos", "elapsed_ms",
-                "kv_swap_evicted", "kv_swap_restored")
+DECODE_ORDER = ("agent", "prompt_tokens", "generated_tokens", "stopped_on_eos", "stopped_by",
+                "elapsed_ms", "kv_swap_evicted", "kv_swap_restored")
 HIDDEN = {"v", "id", "tokens"}
 
 
@@ -92,7 +92,7 @@ def _call(ctx, verb, **fields):
               help="tcp brokers: the broker's public key file.")
 @click.pass_context
 def main(ctx, endpoint, as_json, timeout, curve_client_key, curve_server_key):
-    """Send one verb (HELP, STATUS, LIST, REGISTER, UNREGISTER, DECODE) to an lmx broker."""
+    """Send one verb (HELP, STATUS, LIST, REGISTER, UNREGISTER, DECODE, CANCEL) to a broker."""
     ctx.obj = {"endpoint": endpoint, "json": as_json, "timeout": timeout,
                "curve": _curve(curve_client_key, curve_server_key)}
 
@@ -143,10 +143,43 @@ def unregister(ctx, agent):
 @click.argument("agent")
 @click.argument("n_predict", type=int)
 @click.argument("prompt")
+@click.option("--stream", is_flag=True, help="Print tokens as they come, then the summary.")
+@click.option("--deadline-ms", type=int, default=None, help="Stop (or drop) after this long.")
 @click.pass_context
-def decode(ctx, agent, n_predict, prompt):
+def decode(ctx, agent, n_predict, prompt, stream, deadline_ms):
     """DECODE AGENT N_PREDICT PROMPT: greedy continuation of the agent's conversation."""
-    _call(ctx, "DECODE", agent=agent, prompt=prompt, n_predict=n_predict)
+    extra = {"deadline_ms": deadline_ms} if deadline_ms is not None else {}
+    if not stream:
+        _call(ctx, "DECODE", agent=agent, prompt=prompt, n_predict=n_predict, **extra)
+        return
+    opts = ctx.obj
+    try:
+        with Client(opts["endpoint"], timeout=opts["timeout"], curve=opts["curve"]) as client:
+            msg_id = client.send("DECODE", agent=agent, prompt=prompt, n_predict=n_predict,
+                                 stream=True, **extra)
+            for reply in client.replies(msg_id):
+                if reply.get("status") == "partial":
+                    click.echo(json.dumps(reply) if opts["json"] else reply["text"], nl=opts[
+                        "json"])
+                    continue
+                if not opts["json"]:
+                    click.echo()
+                click.echo(json.dumps(reply, default=str) if opts["json"]
+                           else "\n".join(_lines(_ordered("DECODE", reply))))
+    except LmxTimeout as exc:
+        click.echo(f"lmx-probe: {exc}", err=True)
+        sys.exit(3)
+    if reply.get("status") != "ok":
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("agent")
+@click.argument("request")
+@click.pass_context
+def cancel(ctx, agent, request):
+    """CANCEL AGENT REQUEST: stop a DECODE (REQUEST is its id, as its client sent it)."""
+    _call(ctx, "CANCEL", agent=agent, request=int(request) if request.isdigit() else request)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Sockets and frames::
 Every message is exactly one frame, ``body``, a msgpack map::
 
     request   {"v": [1, 0], "id": 7, "verb": "DECODE", "agent": "smol", ...}
+    partial   {"v": [1, 0], "id": 7, "status": "partial", "index": 0, "token": 42, "text": "Hi"}
     ok reply  {"v": [1, 0], "id": 7, "status": "ok", ...fields}
     error     {"v": [1, 0], "id": 7, "status": "error", "code": "VRAM_LEDGER_DENY",
                "reason": "CAP", "message": "...", ...numbers}
@@ -18,8 +19,10 @@ Every message is exactly one frame, ``body``, a msgpack map::
 reply. Unknown extra fields are ignored, so minor versions can add fields.
 
 Broker and worker speak the same shape: the broker sends jobs as requests (verbs REGISTER,
-UNREGISTER, DECODE, HEARTBEAT, SHUTDOWN); the worker sends READY, HEARTBEAT and RESULT, where a
-RESULT carries the job id and the reply fields (``status`` and the rest).
+UNREGISTER, DECODE, HEARTBEAT, SHUTDOWN, and CANCEL out of band); the worker sends READY,
+HEARTBEAT, TOKEN (a streamed token of the job in flight) and RESULT, where a RESULT carries the
+job id and the reply fields (``status`` and the rest). A streaming DECODE gets any number of
+``partial`` replies before its final one, all with the request's id.
 """
 import msgpack
 
@@ -48,7 +51,9 @@ CLIENT_VERBS = {
                  "flash_attn": Field(bool, False), "type_k": Field(str, False),
                  "type_v": Field(str, False), "swa_full": Field(bool, False)},
     "UNREGISTER": {"agent": Field(str)},
-    "DECODE": {"agent": Field(str), "prompt": Field(str), "n_predict": Field(int)},
+    "DECODE": {"agent": Field(str), "prompt": Field(str), "n_predict": Field(int),
+               "stream": Field(bool, False), "deadline_ms": Field(int, False)},
+    "CANCEL": {"agent": Field(str), "request": Field((int, str))},
 }
 
 # Broker -> worker jobs.
@@ -57,7 +62,9 @@ WORKER_JOBS = {
                  "resume": Field(bool, False)},
     "UNREGISTER": {"agent": Field(str)},
     "DECODE": {"agent": Field(str), "prompt": Field(str), "n_predict": Field(int),
-               "max_prompt_tokens": Field(int, False)},
+               "max_prompt_tokens": Field(int, False), "stream": Field(bool, False),
+               "deadline_ms": Field(int, False)},
+    "CANCEL": {"job": Field(int)},             # out of band: stop that job at its next token
     "HEARTBEAT": {},
     "SHUTDOWN": {},
 }
@@ -67,6 +74,7 @@ WORKER_EVENTS = {
     "READY": {"pid": Field(int), "device": Field(dict)},
     "HEARTBEAT": {"device": Field(dict, False)},
     "RESULT": {"status": Field(str)},
+    "TOKEN": {"index": Field(int), "token": Field(int), "text": Field(str)},
 }
 
 VERB_HELP = {
@@ -76,7 +84,9 @@ VERB_HELP = {
     "REGISTER": "agent, model (table key or GGUF path), n_ctx?, flash_attn?, type_k?, type_v?, "
                 "swa_full?: admit and build an agent",
     "UNREGISTER": "agent: release the agent's bytes, slot and model reference",
-    "DECODE": "agent, prompt, n_predict: greedy-decode continuing the agent's conversation",
+    "DECODE": "agent, prompt, n_predict, stream?, deadline_ms?: greedy-decode continuing the "
+              "agent's conversation; with stream, partial replies carry each token",
+    "CANCEL": "agent, request (a DECODE's id): stop it at its next token, or drop it if queued",
 }
 
 

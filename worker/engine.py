@@ -8,6 +8,7 @@ the whole logits history).
 """
 import llama_cpp  # noqa: I001  -- must precede numpy: the CUDA load segfaulted otherwise
 
+import codecs
 import ctypes
 import logging
 import os
@@ -49,6 +50,20 @@ def _trim_heap():
     """Give freed heap back to the OS (glibc keeps it in per-thread arenas otherwise)."""
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
+
+
+class _Emitter:
+    """Calls on_token with whole UTF-8 characters, and notes when the first token came."""
+
+    def __init__(self, model, on_token, first):
+        self.model, self.on_token, self.first = model, on_token, first
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def __call__(self, index, token):
+        if not self.first:
+            self.first.append(time.perf_counter())
+        if self.on_token is not None:
+            self.on_token(index, token, self.decoder.decode(self.model.piece(token)))
 
 
 def _delta(before, after):
@@ -313,8 +328,13 @@ class Engine:
         ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
         return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(n_vocab,))))
 
-    def decode(self, agent, prompt, n_predict, max_prompt_tokens=None):
-        """Greedy-decode up to n_predict tokens after prompt, continuing the conversation."""
+    def decode(self, agent, prompt, n_predict, max_prompt_tokens=None, on_token=None,
+               should_stop=None):
+        """Greedy-decode up to n_predict tokens after prompt, continuing the conversation.
+
+        on_token(index, token, text) is called for every generated token (text holds only
+        complete UTF-8 characters); should_stop() is asked after each token and returns a
+        reason ("cancel", "deadline") to stop early, or None."""
         t0 = time.perf_counter()
         slot = self._slot(agent)
         model = slot.model
@@ -338,7 +358,9 @@ class Engine:
         slot.pending = []
         self._eval(feed)
         t_prompt = time.perf_counter()
-        out, eos = self._generate(slot, n_predict)
+        first = []
+        emit = _Emitter(model, on_token, first)
+        out, eos, stopped_by = self._generate(slot, n_predict, emit, should_stop)
         t_end = time.perf_counter()
         slot.decodes += 1
         slot.generated += len(out)
@@ -349,22 +371,30 @@ class Engine:
                 "prompt_ms": round((t_prompt - t_swap) * 1000, 2),
                 "gen_ms": round((t_end - t_prompt) * 1000, 2),
                 "kv_swap_evicted": evicted, "kv_swap_restored": restored,
+                "stopped_by": stopped_by,
+                "ttft_ms": round((first[0] - t0) * 1000, 2) if first else None,
                 "n_past": slot.n_past + len(slot.pending),
                 "text": text.decode("utf-8", "replace"), "tokens": out,
                 "context_measured": slot.measured if built else None}
 
-    def _generate(self, slot, n_predict):
-        """Sample greedily; the last sampled token stays pending until the next turn."""
+    def _generate(self, slot, n_predict, emit, should_stop):
+        """Sample greedily; the last sampled token stays pending until the next turn.
+
+        Returns (tokens, stopped on end-of-generation, early-stop reason or None)."""
         vocab, n_vocab = slot.model.vocab, slot.model.n_vocab
         out = []
         while True:
             tok = self._argmax(n_vocab)
             slot.pending = [tok]
             if llama_cpp.llama_vocab_is_eog(vocab, tok):
-                return out, True       # the end-of-turn token is not part of the reply
+                return out, True, None  # the end-of-turn token is not part of the reply
             out.append(tok)
+            emit(len(out) - 1, tok)
             if len(out) >= n_predict:
-                return out, False
+                return out, False, None
+            reason = should_stop() if should_stop else None
+            if reason:
+                return out, False, reason
             slot.pending = []
             self._eval([tok])
 

@@ -30,8 +30,11 @@ log = logging.getLogger("lmx.worker")
 RESULTS = "inproc://lmx-worker-results"
 
 
-def run_job(engine, msg):
-    """Run one broker job on the engine; return the RESULT fields."""
+def run_job(engine, msg, emit, cancelled):
+    """Run one broker job on the engine; return the RESULT fields.
+
+    emit(fields) sends a TOKEN event for a streaming DECODE; cancelled holds job ids the
+    broker asked to stop."""
     f = msg.fields
     try:
         if msg.verb == "REGISTER":
@@ -41,7 +44,9 @@ def run_job(engine, msg):
             out = engine.unregister(f["agent"])
         elif msg.verb == "DECODE":
             out = engine.decode(f["agent"], f["prompt"], f["n_predict"],
-                                f.get("max_prompt_tokens"))
+                                f.get("max_prompt_tokens"),
+                                on_token=_streamer(msg, emit) if f.get("stream") else None,
+                                should_stop=_stopper(msg, cancelled))
         else:
             raise LmxError(Code.UNKNOWN_VERB, f"worker cannot run {msg.verb}")
         out["status"] = "ok"
@@ -50,11 +55,32 @@ def run_job(engine, msg):
     except Exception as exc:  # a bug must not kill the worker: report it
         log.exception("worker: %s job failed", msg.verb)
         out = LmxError(Code.INTERNAL, f"worker error in {msg.verb}: {exc}").fields()
+    cancelled.discard(msg.id)
     out["engine"] = engine.summary()
     return out
 
 
-def compute_loop(ctx, jobs, engine):
+def _streamer(msg, emit):
+    def on_token(index, token, text):
+        emit({"index": index, "token": token, "text": text})
+    return on_token
+
+
+def _stopper(msg, cancelled):
+    """should_stop for a DECODE: the broker's CANCEL, or its deadline passing."""
+    deadline = msg.fields.get("deadline_ms")
+    until = time.monotonic() + deadline / 1000 if deadline else None
+
+    def should_stop():
+        if msg.id in cancelled:
+            return "cancel"
+        if until is not None and time.monotonic() >= until:
+            return "deadline"
+        return None
+    return should_stop
+
+
+def compute_loop(ctx, jobs, engine, cancelled):
     """Compute thread: run jobs on the engine until a None arrives."""
     sock = make_socket(ctx, zmq.PAIR, RESULTS)
     try:
@@ -62,7 +88,10 @@ def compute_loop(ctx, jobs, engine):
             msg = jobs.get()
             if msg is None:
                 break
-            sock.send_multipart(protocol.encode_request("RESULT", msg.id, **run_job(engine, msg)))
+            emit = lambda fields, job=msg.id: sock.send_multipart(  # noqa: E731
+                protocol.encode_request("TOKEN", job, **fields))
+            sock.send_multipart(protocol.encode_request(
+                "RESULT", msg.id, **run_job(engine, msg, emit, cancelled)))
     finally:
         engine.close()
         sock.close()
@@ -79,9 +108,11 @@ class Worker:
         self.heartbeat_s = heartbeat_s
         self.liveness = liveness
         self.jobs = queue.Queue()
+        self.cancelled = set()          # job ids to stop at their next token
         self.stop = False
         self.thread = threading.Thread(target=compute_loop, name="lmx-compute",
-                                       args=(self.ctx, self.jobs, engine), daemon=True)
+                                       args=(self.ctx, self.jobs, engine, self.cancelled),
+                                       daemon=True)
 
     def send(self, verb, msg_id=0, **fields):
         """Every frame to the broker goes through here."""
@@ -120,6 +151,8 @@ class Worker:
             return
         if msg.verb == "SHUTDOWN":
             self.stop = True
+        elif msg.verb == "CANCEL":
+            self.cancelled.add(msg.fields["job"])   # read by the compute thread between tokens
         elif msg.verb != "HEARTBEAT":
             self.jobs.put(msg)
 
