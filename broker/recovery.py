@@ -15,7 +15,7 @@ class RecoveryMixin:
     """Worker liveness, restarts and journal replay."""
 
     def _check_worker(self, now):
-        wk = self.worker
+        wk, state = self.worker, self.worker.state
         if wk.state == "ready":
             dead = wk.process_exited() or not is_alive(wk.last_seen, now, wk.heartbeat_s,
                                                        wk.liveness)
@@ -30,6 +30,8 @@ class RecoveryMixin:
             wk.spawn(self.config.worker_endpoint, self.config.worker_args)
         elif wk.state == "starting" and wk.process_exited():
             self._worker_lost("exited while starting")
+        if wk.state != state:
+            self._status_cache = None
 
     def _worker_lost(self, why):
         """Fail every unfinished job with WORKER_LOST; keep the agents and their bookings, to

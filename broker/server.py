@@ -26,6 +26,7 @@ from lmx.common.errors import Code, LmxError
 from lmx.common.sockets import make_socket
 
 log = logging.getLogger("lmx.broker")
+READ_ONLY = {"STATUS", "LIST", "HELP"}      # verbs that change nothing STATUS shows
 
 
 @dataclass
@@ -98,6 +99,7 @@ class Broker(AdmissionMixin, RecoveryMixin, ViewsMixin):
                          "REGISTER": self.on_register, "UNREGISTER": self.on_unregister,
                          "DECODE": self.on_decode, "CANCEL": self.on_cancel}
         self.requests = {}                  # (agent, request id) -> the DECODE's Job
+        self._status_cache = None           # STATUS packed once per state change
         self._backoff = 1.0
         self._respawn_at = None
         self.auth = None
@@ -142,7 +144,11 @@ class Broker(AdmissionMixin, RecoveryMixin, ViewsMixin):
         self.ledger.set_total(dev["total_bytes"])
         overhead = self.config.worker_overhead
         if overhead is None:
+            # The worker creates its CUDA context before READY, so its NVML reading is the
+            # overhead; cuBLAS and pools grow later and are reconciled upwards.
             overhead = CUDA_OVERHEAD if dev.get("kind") == "cuda" else 0
+            if dev.get("kind") == "cuda" and dev.get("process_bytes"):
+                overhead = max(dev["process_bytes"], overhead)
         if overhead:
             self.ledger.force("worker:overhead", overhead)
         self._overhead_estimated = self.config.worker_overhead is None
@@ -168,6 +174,7 @@ class Broker(AdmissionMixin, RecoveryMixin, ViewsMixin):
                 self._drain(self.client, self._on_client)
             now = time.monotonic()
             for job in self.worker.expire(now):
+                self._status_cache = None
                 job.done(LmxError(Code.DEADLINE, "the deadline passed while the request was "
                                   "queued").fields())
             if now >= next_beat:
@@ -212,6 +219,8 @@ class Broker(AdmissionMixin, RecoveryMixin, ViewsMixin):
             log.warning("protocol: %s", err)
             self._send(identity, err.msg_id, err.fields())
             return
+        if msg.verb not in READ_ONLY:
+            self._status_cache = None
         try:
             reply = self.handlers[msg.verb](identity, msg)
         except LmxError as err:
@@ -224,6 +233,7 @@ class Broker(AdmissionMixin, RecoveryMixin, ViewsMixin):
 
     def _on_worker(self, frames):
         identity, body = frames[0], frames[1:]
+        self._status_cache = None           # any worker message may change what STATUS shows
         try:
             msg = protocol.decode_message(body, protocol.WORKER_EVENTS, max_bytes=None)
         except LmxError as err:

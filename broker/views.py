@@ -12,11 +12,18 @@ class ViewsMixin:
         """HELP: the verbs and their fields."""
         return {"protocol": list(protocol.PROTOCOL_VERSION), "verbs": protocol.help_text()}
 
-    def on_status(self, _identity, _msg):
-        """STATUS: ledger, device, worker, queue and counters."""
+    def on_status(self, identity, msg):
+        """STATUS: ledger, device, worker, queue and counters (packed once per state change)."""
+        if self._status_cache is None:
+            self._status_cache = protocol.CachedReply(self._status_fields())
+        self.client.send_multipart([identity, *self._status_cache.frames(
+            msg.id, uptime_s=round(time.time() - self.started, 1), **self.counters)])
+        return None
+
+    def _status_fields(self):
         dev, wk = self.worker.device, self.worker
         return {"version": VERSION, "protocol": list(protocol.PROTOCOL_VERSION),
-                "endpoint": self.config.endpoint, "uptime_s": round(time.time() - self.started, 1),
+                "endpoint": self.config.endpoint,
                 **self._ledger_numbers(), "admission_percent": self.ledger.admission_percent,
                 "ledger_percent_cap_bytes": self.ledger.percent_cap,
                 "external_bytes": self.ledger.external_bytes,
@@ -32,8 +39,7 @@ class ViewsMixin:
                 "streaming_reason": (dev.get("streaming") or {}).get("reason"),
                 "live_agent": wk.engine.get("live_agent"),
                 "models": self._models(), "agents": len(self.agents),
-                "queue_depth": len(wk.queue), "inflight": wk.inflight is not None,
-                **self.counters}
+                "queue_depth": len(wk.queue), "inflight": wk.inflight is not None}
 
     def on_list(self, _identity, _msg):
         """LIST: every agent with its booking and state."""

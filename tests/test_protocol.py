@@ -85,3 +85,14 @@ def test_error_keeps_the_request_id_when_it_was_readable():
 
 def test_help_lists_every_verb():
     assert set(protocol.help_text()) == set(protocol.CLIENT_VERBS)
+
+
+@pytest.mark.parametrize("n_static", [0, 3, 20])
+def test_cached_reply_equals_a_fresh_one(n_static):
+    static = {f"k{i}": [i, {"x": "y" * i}] for i in range(n_static)}
+    cached = protocol.CachedReply(static)
+    for msg_id in (1, "abc", 10**12):
+        got = protocol.decode_reply(cached.frames(msg_id, uptime_s=1.5, requests=7))
+        want = protocol.decode_reply(protocol.encode_reply(msg_id, uptime_s=1.5, requests=7,
+                                                           **static))
+        assert got == want and got["id"] == msg_id

@@ -6,6 +6,7 @@ cross threads.
 """
 import llama_cpp  # noqa: F401,I001  -- before numpy, see engine.py
 
+import ctypes
 import logging
 import os
 import queue
@@ -22,7 +23,7 @@ from lmx.common.config import (DEFAULT_HEARTBEAT_S, DEFAULT_LIVENESS, DEFAULT_VR
 from lmx.common.ctxspec import ContextSpec
 from lmx.common.errors import Code, LmxError
 from lmx.common.sockets import make_socket
-from lmx.worker.device import open_device
+from lmx.worker.device import HostBuffer, open_device
 from lmx.worker import streamer
 from lmx.worker.engine import Engine
 
@@ -165,6 +166,14 @@ class Worker:
         self.ctx.term()
 
 
+def warm_cuda():
+    """Create this process's CUDA context now, not inside the first REGISTER: the first load
+    then costs what any load costs, and READY's NVML reading already includes the context."""
+    rt = HostBuffer._load_cudart()
+    if rt is not None:
+        rt.cudaFree(ctypes.c_void_p(0))
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--broker", required=True, help="The broker's worker endpoint, e.g. "
               "ipc:///tmp/lmx.sock.worker (lmx-broker prints it).")
@@ -198,6 +207,8 @@ def main(broker, vram_total, gpu_index, force_cpu, threads, heartbeat, liveness,
     device = open_device(gpu, gpu_index, declared, DEFAULT_VRAM_TOTAL, simulate_others)
     n_threads = threads or default_threads()
 
+    if device.kind == "cuda":
+        warm_cuda()
     engine = Engine(n_threads, gpu=device.kind == "cuda", pinned=device.kind == "cuda",
                     process_bytes=lambda: device.read()["process_bytes"], park_dir=park_dir)
     worker = Worker(broker, device, engine, heartbeat, liveness)
