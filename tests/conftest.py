@@ -60,7 +60,12 @@ class BrokerProc:
                *sum((["--model-dir", d] for d in dirs), []), *args]
         self.curve = curve
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        wait_until(self._answers, timeout=60, what=f"broker on {self.endpoint}")
+        try:
+            wait_until(self._answers, timeout=60, what=f"broker on {self.endpoint}")
+        except BaseException:
+            self.proc.kill()                 # never leave a broker (and its worker) behind
+            self.proc.wait()
+            raise
 
     def _answers(self):
         if self.proc.poll() is not None:
