@@ -3,8 +3,11 @@ import os
 import tempfile
 
 
-def write_atomic(path, data):
-    """Write str or bytes to path through a temp file in the same folder, fsync, rename."""
+def write_atomic(path, data, durable=True):
+    """Write str or bytes to path through a temp file in the same folder, fsync, rename.
+
+    durable=False skips the fsync: the rename still makes the write all-or-nothing for a
+    crashing process, only a crashing machine can lose it (parked KV state, which can be big)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
@@ -12,7 +15,8 @@ def write_atomic(path, data):
         with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

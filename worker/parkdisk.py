@@ -2,7 +2,9 @@
 
 Each parked agent has `<dir>/<agent>.state` (llama_state_get_data bytes) and
 `<dir>/<agent>.json` (model path and size, the context spec, n_past, pending tokens), both
-written through a temporary file and renamed, the JSON last. A state is valid only for the
+written through a temporary file and renamed, the JSON last. There is no fsync: a killed worker
+or broker loses nothing (the page cache holds the files), a power cut can; an fsync of a
+gigabyte of KV state on every swap would cost more than the swap. A state is valid only for the
 same model file and spec. Files go when the agent is unregistered or its state is restored into
 a live context (from then on the conversation lives only in that context).
 """
@@ -22,8 +24,8 @@ def _paths(folder, agent):
 def save(folder, agent, raw, meta):
     """Write the state bytes, then the metadata that makes them valid."""
     state, info = _paths(folder, agent)
-    write_atomic(state, raw)
-    write_atomic(info, json.dumps(meta))
+    write_atomic(state, raw, durable=False)      # survives process crashes, not power loss
+    write_atomic(info, json.dumps(meta), durable=False)
 
 
 def load(folder, agent, expect):
