@@ -38,13 +38,15 @@ class ViewsMixin:
                 "streaming_available": (dev.get("streaming") or {}).get("available", False),
                 "streaming_reason": (dev.get("streaming") or {}).get("reason"),
                 "live_agent": wk.engine.get("live_agent"),
+                "live_agents": wk.engine.get("live_agents", []),
                 "models": self._models(), "agents": len(self.agents),
                 "queue_depth": len(wk.queue), "inflight": wk.inflight is not None}
 
     def on_list(self, _identity, _msg):
         """LIST: every agent with its booking and state."""
         slots = self.worker.engine.get("slots", {})
-        keys = (("live", False), ("parked_bytes", 0), ("parked_pinned", False), ("n_past", 0))
+        keys = (("live", False), ("parked_bytes", 0), ("parked_pinned", False),
+                ("parked_on_disk", False), ("n_past", 0))
         return {"agents": [dict(vars(a), owner=a.owner.hex(),
                                 **{k: slots.get(a.agent, {}).get(k, d) for k, d in keys})
                            for a in self.agents.values()]}

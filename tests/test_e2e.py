@@ -268,3 +268,18 @@ def test_decodes_queue_in_order_from_many_clients(shared_broker):
         assert listed["q"]["decodes"] == 6
         c.unregister("q")
     wait_until(lambda: shared_broker.status()["queue_depth"] == 0, what="empty queue")
+
+
+def test_two_live_contexts_switch_without_swaps(broker_factory, table):
+    broker = broker_factory("--vram-table", str(table), "--max-live-contexts", "2")
+    with broker.client() as c:
+        c.register("smol", "smol")
+        c.register("gemma", "gemma")
+        c.decode("smol", "Hello, my name is", 8)
+        second = c.decode("gemma", "The capital of France is", 8)
+        third = c.decode("smol", "The weather today is", 8)
+        assert second["kv_swap_evicted"] is None
+        assert (third["kv_swap_evicted"], third["kv_swap_restored"]) == (None, False)
+        listed = {a["agent"]: a for a in c.list_agents()}
+        assert listed["smol"]["live"] and listed["gemma"]["live"]
+        assert sorted(c.request("STATUS")["live_agents"]) == ["gemma", "smol"]

@@ -65,3 +65,30 @@ def test_context_full_is_refused_before_any_work(engine, smol_path):
         assert engine.decode("c", "Hi", 4)["generated_tokens"] >= 1
     finally:
         engine.unregister("c")
+
+
+def test_several_live_contexts_park_the_least_recently_used(smol_path):
+    from lmx.worker.engine import Engine
+    eng = Engine(2, gpu=False, pinned=False, max_live=2)
+    try:
+        for agent in ("a", "b", "c", "ref"):
+            eng.register(agent, smol_path, ContextSpec(n_ctx=512))
+        a1 = eng.decode("a", "Hello, my name is", 8)
+        b1 = eng.decode("b", "The sky is", 4)
+        assert b1["kv_swap_evicted"] is None                 # a stays live beside b
+        again = eng.decode("a", "I like", 8)
+        assert (again["kv_swap_evicted"], again["kv_swap_restored"]) == (None, False)
+        assert again["context_measured"] is None             # no context was built
+        c1 = eng.decode("c", "Once", 4)
+        assert c1["kv_swap_evicted"] == "b"                   # b was the least recently used
+        assert sorted(eng.summary()["live_agents"]) == ["a", "c"]
+        b2 = eng.decode("b", "and then", 4)
+        assert b2["kv_swap_restored"] is True and b2["kv_swap_evicted"] == "a"
+        ref1 = eng.decode("ref", "Hello, my name is", 8)
+        ref2 = eng.decode("ref", "I like", 8)
+        assert [ref1["tokens"], ref2["tokens"]] == [a1["tokens"], again["tokens"]]
+        for agent in ("a", "b", "c", "ref"):
+            eng.unregister(agent)
+        assert not eng.standby and eng.live is None
+    finally:
+        eng.close()

@@ -9,6 +9,7 @@ the whole logits history).
 import llama_cpp  # noqa: I001  -- must precede numpy: the CUDA load segfaulted otherwise
 
 import codecs
+import collections
 import ctypes
 import logging
 import os
@@ -126,8 +127,10 @@ class Slot:
 class Engine:
     """Models, slots and the one live context of this worker."""
 
-    def __init__(self, n_threads, gpu, pinned, process_bytes=None, park_dir=None):
+    def __init__(self, n_threads, gpu, pinned, process_bytes=None, park_dir=None, max_live=1):
         self.process_bytes = process_bytes or (lambda: None)   # NVML reading of this process
+        self.max_live = max(1, max_live)  # contexts kept live at once (every one is booked)
+        self.standby = collections.OrderedDict()   # agent -> (slot, ctx): live, not current
         self.park_dir = park_dir          # also park to disk here (survives restarts)
         if park_dir:
             os.makedirs(park_dir, mode=0o700, exist_ok=True)
@@ -222,6 +225,8 @@ class Engine:
         slot = self._slot(agent)
         if self.live is slot:
             self._free_ctx()
+        elif agent in self.standby:
+            llama_cpp.llama_free(self.standby.pop(agent)[1])
         self._drop_parked(slot)
         if self.park_dir:
             parkdisk.remove(self.park_dir, agent)
@@ -270,20 +275,31 @@ class Engine:
             llama_cpp.llama_free(self.ctx)
         self.ctx = self.live = None
 
-    def _park_live(self):
-        """Save the live context's state to host memory and free the context."""
-        slot = self.live
+    def _park(self, slot, ctx):
+        """Save a context's state to host memory (and disk), free the context; return the agent."""
         if slot.n_past:
-            size = llama_cpp.llama_state_get_size(self.ctx)
+            size = llama_cpp.llama_state_get_size(ctx)
             buf = HostBuffer(size, self.pinned)
-            written = llama_cpp.llama_state_get_data(self.ctx, buf.data, size)
+            written = llama_cpp.llama_state_get_data(ctx, buf.data, size)
             slot.parked, slot.parked_bytes = buf, written
             if self.park_dir:
                 parkdisk.save(self.park_dir, slot.agent, ctypes.string_at(buf.data, written),
                               dict(self._disk_key(slot), n_past=slot.n_past,
                                    pending=slot.pending))
-        self._free_ctx()
+        llama_cpp.llama_free(ctx)
         return slot.agent
+
+    def _make_room(self):
+        """Move the current context to standby, then park the least recently used contexts
+        until at most max_live - 1 wait there; return the last agent parked, or None."""
+        if self.live is not None:
+            self.standby[self.live.agent] = (self.live, self.ctx)
+            self.ctx = self.live = None
+        evicted = None
+        while len(self.standby) > self.max_live - 1:
+            _, (slot, ctx) = self.standby.popitem(last=False)
+            evicted = self._park(slot, ctx)
+        return evicted
 
     def _drop_parked(self, slot):
         if slot.parked is not None:
@@ -291,10 +307,18 @@ class Engine:
         slot.parked, slot.parked_bytes = None, 0
 
     def _activate(self, slot):
-        """Make slot's context live; return (evicted agent or None, restored?)."""
+        """Make slot's context current; return (evicted agent or None, restored?).
+
+        A context still live in standby is switched to without a swap; otherwise the least
+        recently used live context is parked if max_live are live already."""
         if self.live is slot:
             return None, False
-        evicted = self._park_live() if self.live is not None else None
+        if slot.agent in self.standby:
+            _, ctx = self.standby.pop(slot.agent)
+            self._make_room()
+            self.ctx, self.live = ctx, slot
+            return None, False
+        evicted = self._make_room()
         self._new_ctx(slot)
         if slot.parked is None:
             return evicted, False
@@ -352,7 +376,7 @@ class Engine:
             raise LmxError(Code.CONTEXT_FULL, f"{slot.n_past} tokens in context + "
                            f"{len(feed)} new + n_predict {n_predict} > n_ctx {slot.n_ctx}",
                            n_past=slot.n_past, n_ctx=slot.n_ctx, needed=need)
-        built = self.live is not slot
+        built = self.live is not slot and agent not in self.standby
         evicted, restored = self._activate(slot)
         t_swap = time.perf_counter()
         slot.pending = []
@@ -403,15 +427,19 @@ class Engine:
     def summary(self):
         """What STATUS shows of this worker: models with refs, agents, the live one."""
         known = sum(device_bytes(m.buffers, self.gpu) for m in self.models.values())
-        if self.live is not None and self.live.measured:
-            known += self.live.measured["device_bytes"]
+        live = ([self.live] if self.live is not None else []) + [s for s, _ in
+                                                                 self.standby.values()]
+        known += sum(s.measured["device_bytes"] for s in live if s.measured)
         return {"live_agent": self.live.agent if self.live else None,
+                "live_agents": [s.agent for s in live],
                 "known_device_bytes": known, "process_bytes": self.process_bytes(),
                 "models": {p: {"refs": m.refs, "buffers": m.buffers}
                            for p, m in self.models.items()},
                 "slots": {a: {"model": s.model.path, "n_ctx": s.n_ctx, "n_past": s.n_past,
                               "measured_bytes": s.measured and s.measured["device_bytes"],
-                              "parked_bytes": s.parked_bytes, "live": s is self.live,
+                              "parked_bytes": s.parked_bytes,
+                              "live": s is self.live or a in self.standby,
+                              "parked_on_disk": bool(s.parked and self.park_dir),
                               "parked_pinned": bool(s.parked and s.parked.pinned),
                               "decodes": s.decodes, "generated": s.generated}
                           for a, s in self.slots.items()}}
@@ -419,6 +447,9 @@ class Engine:
     def close(self):
         """Free every context, parked buffer and model."""
         self._free_ctx()
+        for _, ctx in self.standby.values():
+            llama_cpp.llama_free(ctx)
+        self.standby.clear()
         for slot in list(self.slots.values()):
             self._drop_parked(slot)
         for model in list(self.models.values()):

@@ -192,11 +192,14 @@ def warm_cuda():
 @click.option("--simulate-others", type=click.Path(dir_okay=False), default=None,
               help="CPU only: the bytes other processes hold, read from this file at every "
               "reading (stands in for NVML where there is no GPU).")
+@click.option("--max-live-contexts", default=1, show_default=True, type=click.IntRange(1, 256),
+              help="Agents' contexts kept live at once; past it the least recently used is "
+              "parked. Every registered agent's context is booked, so any value fits the ledger.")
 @click.option("--park-dir", type=click.Path(file_okay=False), default=None,
               help="Also write parked KV state here, so a restart can resume conversations.")
 @click.option("--log-level", default="INFO", show_default=True)
 def main(broker, vram_total, gpu_index, force_cpu, threads, heartbeat, liveness,
-         simulate_others, park_dir, log_level):
+         simulate_others, max_live_contexts, park_dir, log_level):
     """Run one lmx worker: the llama.cpp backend for one GPU (or the CPU)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     try:
@@ -210,7 +213,8 @@ def main(broker, vram_total, gpu_index, force_cpu, threads, heartbeat, liveness,
     if device.kind == "cuda":
         warm_cuda()
     engine = Engine(n_threads, gpu=device.kind == "cuda", pinned=device.kind == "cuda",
-                    process_bytes=lambda: device.read()["process_bytes"], park_dir=park_dir)
+                    process_bytes=lambda: device.read()["process_bytes"], park_dir=park_dir,
+                    max_live=max_live_contexts)
     worker = Worker(broker, device, engine, heartbeat, liveness)
     # Signal handlers do no work: they ask the loop to stop.
     signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "stop", True))
