@@ -202,7 +202,9 @@ class AdmissionMixin:
         return None
 
     def on_cancel(self, _identity, msg):
-        """CANCEL: drop a queued DECODE at once, or stop a running one at its next token."""
+        """CANCEL: drop a DECODE that has not started, or stop a running one at its next token.
+
+        The DECODE's own reply says which: CANCELLED, or ok with stopped_by "cancel"."""
         agent, request = msg.fields["agent"], msg.fields["request"]
         job = self.requests.get((agent, request))
         where = self.worker.cancel(job) if job is not None else None

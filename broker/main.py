@@ -87,6 +87,8 @@ def _private_worker_endpoint():
 @click.option("--max-live-contexts", default=1, show_default=True, type=click.IntRange(1, 256),
               help="Agents' contexts the worker keeps live at once (least recently used parked "
               "past it); 1 swaps on every agent switch.")
+@click.option("--quantum", default=4, show_default=True, type=click.IntRange(1, 4096),
+              help="Tokens of one agent's DECODE per turn before the next agent's turn.")
 @click.option("--park-to-disk/--no-park-to-disk", default=True, show_default=True,
               help="Also write parked KV state to STATE_DIR/parked, so conversations survive "
               "a worker or broker restart.")
@@ -95,8 +97,8 @@ def main(endpoint, worker_endpoint, vram_table, vram_total, admission_percent, s
          worker_cpu, threads, gpu_index, worker_overhead, worker_start_timeout, heartbeat,
          liveness, queue_depth, default_n_ctx, max_frame_bytes, max_n_predict, state_dir,
          measure_margin, others_margin, simulate_others, model_dirs, max_prompt_tokens,
-         max_agents_per_client, curve_secret_key, curve_clients, max_live_contexts, park_to_disk,
-         log_level):
+         max_agents_per_client, curve_secret_key, curve_clients, max_live_contexts, quantum,
+         park_to_disk, log_level):
     """Run the lmx broker (and, by default, its worker) until SIGINT/SIGTERM."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     try:
@@ -118,7 +120,7 @@ def main(endpoint, worker_endpoint, vram_table, vram_total, admission_percent, s
     args += ["--cpu"] if worker_cpu else []
     args += ["--simulate-others", os.path.abspath(simulate_others)] if simulate_others else []
     args += ["--park-dir", os.path.join(state_dir, "parked")] if park_to_disk else []
-    args += ["--max-live-contexts", str(max_live_contexts)]
+    args += ["--max-live-contexts", str(max_live_contexts), "--quantum", str(quantum)]
     config = BrokerConfig(
         endpoint=endpoint, worker_endpoint=worker_endpoint,
         table=table, vram_total=vram_total, admission_percent=admission_percent,

@@ -40,7 +40,8 @@ class ViewsMixin:
                 "live_agent": wk.engine.get("live_agent"),
                 "live_agents": wk.engine.get("live_agents", []),
                 "models": self._models(), "agents": len(self.agents),
-                "queue_depth": len(wk.queue), "inflight": wk.inflight is not None}
+                "queue_depth": max(len(wk.queue) + len(wk.inflight) - 1, 0),
+                "inflight": len(wk.inflight)}
 
     def on_list(self, _identity, _msg):
         """LIST: every agent with its booking and state."""

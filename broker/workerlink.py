@@ -1,7 +1,8 @@
 """The broker's side of its one worker: the process, its liveness and the job queue.
 
-Jobs go to the worker one at a time, in arrival order, so a DECODE never overtakes the
-REGISTER of its agent and the broker always knows which job a dead worker took with it.
+Jobs go to the worker in arrival order over one socket, up to WINDOW in flight at once; the
+worker keeps each agent's requests in order and gives agents turns. The broker knows every
+job a dead worker took with it (the in-flight set).
 """
 import collections
 import itertools
@@ -14,6 +15,7 @@ from lmx.common import protocol
 from lmx.common.errors import Code, LmxError
 
 log = logging.getLogger("lmx.broker")
+WINDOW = 64          # jobs in flight at the worker at once
 
 
 def is_alive(last_seen, now, interval, liveness):
@@ -46,7 +48,7 @@ class WorkerLink:
         self.liveness = liveness
         self.queue_depth = queue_depth
         self.queue = collections.deque()
-        self.inflight = None
+        self.inflight = {}        # job id -> Job sent to the worker
         self.identity = None
         self.pid = None
         self.proc = None
@@ -115,14 +117,14 @@ class WorkerLink:
         if msg.verb == "HEARTBEAT" and msg.fields.get("device"):
             self.device = dict(msg.fields["device"], streaming=self.device.get("streaming"))
         if msg.verb == "TOKEN":
-            job = self.inflight
-            if job is not None and job.id == msg.id and job.partial is not None:
+            job = self.inflight.get(msg.id)
+            if job is not None and job.partial is not None:
                 job.partial(msg.fields)
             return None
         if msg.verb != "RESULT":
             return None
-        job, self.inflight = self.inflight, None
-        if job is None or job.id != msg.id:
+        job = self.inflight.pop(msg.id, None)
+        if job is None:
             log.error("worker: result for unknown job %s", msg.id)
             return None
         self.engine = msg.fields.pop("engine", self.engine)
@@ -136,18 +138,20 @@ class WorkerLink:
         internal jobs (rebuilding agents after a restart) are never refused for depth."""
         if self.state != "ready":
             raise LmxError(Code.WORKER_UNAVAILABLE, f"worker is {self.state}; try again")
-        if len(self.queue) >= self.queue_depth and not internal:
-            raise LmxError(Code.BUSY, f"request queue is full ({len(self.queue)} waiting)",
-                           queue_depth=len(self.queue), max_queue_depth=self.queue_depth)
+        waiting = len(self.queue) + len(self.inflight) - 1   # beyond the one running
+        if waiting >= self.queue_depth and not internal:
+            raise LmxError(Code.BUSY, f"request queue is full ({waiting} waiting)",
+                           queue_depth=waiting, max_queue_depth=self.queue_depth)
         job = Job(next(self._ids), verb, fields, done, now, deadline, partial)
         self.queue.append(job)
         self.pump(now)
         return job
 
     def pump(self, now):
-        """Send the next queued job if none is in flight."""
-        if self.inflight is None and self.queue and self.state == "ready":
-            job = self.inflight = self.queue.popleft()
+        """Send queued jobs while fewer than WINDOW are in flight."""
+        while self.queue and len(self.inflight) < WINDOW and self.state == "ready":
+            job = self.queue.popleft()
+            self.inflight[job.id] = job
             job.sent_at = now
             fields = job.fields
             if job.deadline is not None:    # the worker counts the time that is left
@@ -155,13 +159,14 @@ class WorkerLink:
             self._send(protocol.encode_request(job.verb, job.id, **fields))
 
     def cancel(self, job):
-        """Drop a queued job ("queued") or ask the worker to stop it ("running"); else None."""
+        """Drop a job still queued here ("queued"), or ask the worker to drop it before it
+        starts or stop it at its next token ("sent"); None if the job is gone."""
         if job in self.queue:
             self.queue.remove(job)
             return "queued"
-        if job is self.inflight:
+        if job.id in self.inflight:
             self._send(protocol.encode_request("CANCEL", 0, job=job.id))
-            return "running"
+            return "sent"
         return None
 
     def expire(self, now):
@@ -173,8 +178,8 @@ class WorkerLink:
 
     def fail_all(self, message):
         """The worker is gone: mark it lost and return every unfinished job."""
-        jobs = ([self.inflight] if self.inflight else []) + list(self.queue)
-        self.inflight = None
+        jobs = list(self.inflight.values()) + list(self.queue)
+        self.inflight = {}
         self.queue.clear()
         self.state, self.identity, self.engine = "lost", None, {}
         log.error("worker: lost (%s); failing %d job(s)", message, len(jobs))

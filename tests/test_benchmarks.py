@@ -71,3 +71,11 @@ def test_soak_short(tiny, tmp_path):
     assert r["ledger_back_to_start"] and r["broker_fds_delta"] == 0
     assert r["by_outcome"].get("DECODE ok", 0) > 50
     assert not any(k.endswith("TIMEOUT") or "INTERNAL" in k for k in r["by_outcome"])
+
+
+def test_parallel_tiny(tiny, tmp_path):
+    text = run("parallel.py", "--cpu", "--model", tiny[0], "--n", "1", "--n", "2",
+               "--n-predict", "8", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "parallel.json").read_text())["rows"]
+    assert [r["n"] for r in rows] == [1, 2] and all(r["tokens"] >= r["n"] for r in rows)
+    assert "| 2 |" in text

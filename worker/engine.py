@@ -352,13 +352,23 @@ class Engine:
         ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
         return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(n_vocab,))))
 
-    def decode(self, agent, prompt, n_predict, max_prompt_tokens=None, on_token=None,
-               should_stop=None):
+    def decode(self, *args, **kwargs):
+        """Run decode_steps() to the end and return its result."""
+        steps = self.decode_steps(*args, **kwargs)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def decode_steps(self, agent, prompt, n_predict, max_prompt_tokens=None, on_token=None,
+                     should_stop=None):
         """Greedy-decode up to n_predict tokens after prompt, continuing the conversation.
 
-        on_token(index, token, text) is called for every generated token (text holds only
-        complete UTF-8 characters); should_stop() is asked after each token and returns a
-        reason ("cancel", "deadline") to stop early, or None."""
+        A generator: it yields after each generated token, so a scheduler can run other agents
+        in between, and returns the result dict. on_token(index, token, text) is called for
+        every generated token (text holds only complete UTF-8 characters); should_stop() is
+        asked after each token and returns a reason ("cancel", "deadline") or None."""
         t0 = time.perf_counter()
         slot = self._slot(agent)
         model = slot.model
@@ -384,7 +394,7 @@ class Engine:
         t_prompt = time.perf_counter()
         first = []
         emit = _Emitter(model, on_token, first)
-        out, eos, stopped_by = self._generate(slot, n_predict, emit, should_stop)
+        out, eos, stopped_by = yield from self._generate(slot, n_predict, emit, should_stop)
         t_end = time.perf_counter()
         slot.decodes += 1
         slot.generated += len(out)
@@ -404,6 +414,8 @@ class Engine:
     def _generate(self, slot, n_predict, emit, should_stop):
         """Sample greedily; the last sampled token stays pending until the next turn.
 
+        Yields between tokens while the newest token is still pending, so that whatever ran
+        meanwhile (even a park and restore, which keeps no logits) leaves nothing to redo.
         Returns (tokens, stopped on end-of-generation, early-stop reason or None)."""
         vocab, n_vocab = slot.model.vocab, slot.model.n_vocab
         out = []
@@ -419,6 +431,8 @@ class Engine:
             reason = should_stop() if should_stop else None
             if reason:
                 return out, False, reason
+            yield
+            self._activate(slot)        # another agent may have run in between
             slot.pending = []
             self._eval([tok])
 

@@ -20,79 +20,22 @@ import zmq
 from lmx.common import protocol
 from lmx.common.config import (DEFAULT_HEARTBEAT_S, DEFAULT_LIVENESS, DEFAULT_VRAM_TOTAL,
                                default_threads, parse_size)
-from lmx.common.ctxspec import ContextSpec
-from lmx.common.errors import Code, LmxError
+from lmx.common.errors import LmxError
 from lmx.common.sockets import make_socket
 from lmx.worker.device import HostBuffer, open_device
 from lmx.worker import streamer
 from lmx.worker.engine import Engine
+from lmx.worker.scheduler import Scheduler
 
 log = logging.getLogger("lmx.worker")
 RESULTS = "inproc://lmx-worker-results"
 
 
-def run_job(engine, msg, emit, cancelled):
-    """Run one broker job on the engine; return the RESULT fields.
-
-    emit(fields) sends a TOKEN event for a streaming DECODE; cancelled holds job ids the
-    broker asked to stop."""
-    f = msg.fields
-    try:
-        if msg.verb == "REGISTER":
-            out = engine.register(f["agent"], f["path"], ContextSpec(**f["spec"]),
-                                  resume=bool(f.get("resume")))
-        elif msg.verb == "UNREGISTER":
-            out = engine.unregister(f["agent"])
-        elif msg.verb == "DECODE":
-            out = engine.decode(f["agent"], f["prompt"], f["n_predict"],
-                                f.get("max_prompt_tokens"),
-                                on_token=_streamer(msg, emit) if f.get("stream") else None,
-                                should_stop=_stopper(msg, cancelled))
-        else:
-            raise LmxError(Code.UNKNOWN_VERB, f"worker cannot run {msg.verb}")
-        out["status"] = "ok"
-    except LmxError as err:
-        out = err.fields()
-    except Exception as exc:  # a bug must not kill the worker: report it
-        log.exception("worker: %s job failed", msg.verb)
-        out = LmxError(Code.INTERNAL, f"worker error in {msg.verb}: {exc}").fields()
-    cancelled.discard(msg.id)
-    out["engine"] = engine.summary()
-    return out
-
-
-def _streamer(msg, emit):
-    def on_token(index, token, text):
-        emit({"index": index, "token": token, "text": text})
-    return on_token
-
-
-def _stopper(msg, cancelled):
-    """should_stop for a DECODE: the broker's CANCEL, or its deadline passing."""
-    deadline = msg.fields.get("deadline_ms")
-    until = time.monotonic() + deadline / 1000 if deadline else None
-
-    def should_stop():
-        if msg.id in cancelled:
-            return "cancel"
-        if until is not None and time.monotonic() >= until:
-            return "deadline"
-        return None
-    return should_stop
-
-
-def compute_loop(ctx, jobs, engine, cancelled):
-    """Compute thread: run jobs on the engine until a None arrives."""
+def compute_loop(ctx, jobs, engine, cancelled, quantum):
+    """Compute thread: the scheduler runs jobs on the engine until a None arrives."""
     sock = make_socket(ctx, zmq.PAIR, RESULTS)
     try:
-        while True:
-            msg = jobs.get()
-            if msg is None:
-                break
-            emit = lambda fields, job=msg.id: sock.send_multipart(  # noqa: E731
-                protocol.encode_request("TOKEN", job, **fields))
-            sock.send_multipart(protocol.encode_request(
-                "RESULT", msg.id, **run_job(engine, msg, emit, cancelled)))
+        Scheduler(engine, sock, cancelled, quantum).run(jobs)
     finally:
         engine.close()
         sock.close()
@@ -101,7 +44,7 @@ def compute_loop(ctx, jobs, engine, cancelled):
 class Worker:
     """The IO side: register with the broker, forward jobs and results, heartbeat."""
 
-    def __init__(self, broker, device, engine, heartbeat_s, liveness):
+    def __init__(self, broker, device, engine, heartbeat_s, liveness, quantum=4):
         self.ctx = zmq.Context()
         self.results = make_socket(self.ctx, zmq.PAIR, RESULTS, bind=True)
         self.sock = make_socket(self.ctx, zmq.DEALER, broker)
@@ -112,7 +55,8 @@ class Worker:
         self.cancelled = set()          # job ids to stop at their next token
         self.stop = False
         self.thread = threading.Thread(target=compute_loop, name="lmx-compute",
-                                       args=(self.ctx, self.jobs, engine, self.cancelled),
+                                       args=(self.ctx, self.jobs, engine, self.cancelled,
+                                             quantum),
                                        daemon=True)
 
     def send(self, verb, msg_id=0, **fields):
@@ -155,6 +99,7 @@ class Worker:
         elif msg.verb == "CANCEL":
             self.cancelled.add(msg.fields["job"])   # read by the compute thread between tokens
         elif msg.verb != "HEARTBEAT":
+            msg.fields["_received"] = time.monotonic()   # deadlines count from here
             self.jobs.put(msg)
 
     def close(self):
@@ -195,11 +140,13 @@ def warm_cuda():
 @click.option("--max-live-contexts", default=1, show_default=True, type=click.IntRange(1, 256),
               help="Agents' contexts kept live at once; past it the least recently used is "
               "parked. Every registered agent's context is booked, so any value fits the ledger.")
+@click.option("--quantum", default=4, show_default=True, type=click.IntRange(1, 4096),
+              help="Tokens an agent's DECODE runs per turn before the next agent's turn.")
 @click.option("--park-dir", type=click.Path(file_okay=False), default=None,
               help="Also write parked KV state here, so a restart can resume conversations.")
 @click.option("--log-level", default="INFO", show_default=True)
 def main(broker, vram_total, gpu_index, force_cpu, threads, heartbeat, liveness,
-         simulate_others, max_live_contexts, park_dir, log_level):
+         simulate_others, max_live_contexts, quantum, park_dir, log_level):
     """Run one lmx worker: the llama.cpp backend for one GPU (or the CPU)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     try:
@@ -215,7 +162,7 @@ def main(broker, vram_total, gpu_index, force_cpu, threads, heartbeat, liveness,
     engine = Engine(n_threads, gpu=device.kind == "cuda", pinned=device.kind == "cuda",
                     process_bytes=lambda: device.read()["process_bytes"], park_dir=park_dir,
                     max_live=max_live_contexts)
-    worker = Worker(broker, device, engine, heartbeat, liveness)
+    worker = Worker(broker, device, engine, heartbeat, liveness, quantum)
     # Signal handlers do no work: they ask the loop to stop.
     signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "stop", True))
     signal.signal(signal.SIGINT, lambda *_: setattr(worker, "stop", True))

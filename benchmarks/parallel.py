@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Aggregate decode throughput with N agents on one model, and time to first token.
+
+    python benchmarks/parallel.py --model M.gguf [--cpu] [--n 1 --n 2 --n 4 --n 8] --out DIR
+
+For each N, N agents (one client thread each) stream a DECODE of --n-predict tokens at the same
+time; aggregate tok/s = all tokens / wall time of the round, and the ratio to N = 1 is printed
+with p50/p95 time to first token. The broker runs with --max-live-contexts at least N, so the
+agents take turns without parking. Agents on one model are NOT batched into one llama_decode
+yet (issue 5), so on a GPU the ratio stays near 1 rather than rising with N.
+"""
+import json
+import os
+import tempfile
+import threading
+import time
+
+import click
+
+import benchlib
+from lmx.common.client import Client
+
+
+def round_of(endpoint, agents, n_predict):
+    """All agents stream at once; return (tokens, seconds, first-token latencies)."""
+    ttft, tokens, errors = [], [], []
+
+    def run(agent):
+        try:
+            with Client(endpoint, timeout=600) as c:
+                t0 = time.monotonic()
+                for r in c.decode_stream(agent, f"{agent} says: once upon a time", n_predict):
+                    if r["status"] == "partial" and r["index"] == 0:
+                        ttft.append(time.monotonic() - t0)
+                    elif r["status"] == "ok":
+                        tokens.append(r["generated_tokens"])
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(a,)) for a in agents]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return sum(tokens), time.monotonic() - t0, ttft
+
+
+@click.command()
+@click.option("--model", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--n", "ns", multiple=True, type=int, default=(1, 2, 4, 8), show_default=True)
+@click.option("--n-predict", default=64, show_default=True)
+@click.option("--quantum", default=4, show_default=True)
+@click.option("--cpu", is_flag=True)
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False))
+def main(model, ns, n_predict, quantum, cpu, out_dir):
+    """Print aggregate tok/s per N, the ratio to N = 1, and TTFT p50/p95."""
+    broker, endpoint, status = benchlib.start_broker(
+        tempfile.mkdtemp(prefix="lmx-par-"), [model], "--max-live-contexts", str(max(ns)),
+        "--quantum", str(quantum), *(["--cpu", "--threads", "2"] if cpu else []))
+    rows = []
+    try:
+        with Client(endpoint, timeout=600) as c:
+            agents = [f"a{i}" for i in range(max(ns))]
+            for a in agents:
+                c.register(a, model, n_ctx=max(1024, 4 * n_predict + 256))
+            round_of(endpoint, agents[:1], 4)                 # warm-up
+            for n in ns:
+                tokens, seconds, ttft = round_of(endpoint, agents[:n], n_predict)
+                rows.append({"n": n, "tokens": tokens, "seconds": round(seconds, 3),
+                             "tok_s": tokens / seconds,
+                             "ttft_p50_ms": benchlib.pct(ttft, 50) * 1000,
+                             "ttft_p95_ms": benchlib.pct(ttft, 95) * 1000})
+    finally:
+        broker.terminate()
+        broker.wait(60)
+    base = rows[0]["tok_s"] if rows and rows[0]["n"] == 1 else None
+    lines = [f"device: {status.get('device_name')}, model {os.path.basename(model)}, "
+             f"{n_predict} tokens per agent, quantum {quantum}", "",
+             "| N | aggregate tok/s | ratio to N=1 | 0.7 x N | TTFT p50 ms | TTFT p95 ms |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        ratio = r["tok_s"] / base if base else float("nan")
+        r["ratio"] = ratio
+        lines.append(f"| {r['n']} | {r['tok_s']:.1f} | {ratio:.2f} | {0.7 * r['n']:.1f} | "
+                     f"{r['ttft_p50_ms']:.1f} | {r['ttft_p95_ms']:.1f} |")
+    text = "\n".join(lines)
+    click.echo(text)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        benchlib.dump({"device": status.get("device_name"), "rows": rows},
+                      os.path.join(out_dir, "parallel.json"))
+        with open(os.path.join(out_dir, "parallel.md"), "w") as fh:
+            fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
