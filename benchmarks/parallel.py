@@ -9,7 +9,6 @@ with p50/p95 time to first token. The broker runs with --max-live-contexts at le
 agents take turns without parking. Agents on one model are NOT batched into one llama_decode
 yet (issue 5), so on a GPU the ratio stays near 1 rather than rising with N.
 """
-import json
 import os
 import tempfile
 import threading

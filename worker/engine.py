@@ -8,7 +8,6 @@ the whole logits history).
 """
 import llama_cpp  # noqa: I001  -- must precede numpy: the CUDA load segfaulted otherwise
 
-import codecs
 import collections
 import ctypes
 import logging
@@ -21,107 +20,11 @@ from lmx.common.ctxspec import KV_TYPES
 from lmx.common.errors import Code, LmxError, Reason
 from lmx.worker import parkdisk
 from lmx.worker.device import HostBuffer
+from lmx.worker.model import Model, Slot, Emitter, nvml_delta, trim_heap, device_bytes
 from lmx.worker.llamalog import LlamaLog
 
 log = logging.getLogger("lmx.worker")
 FLASH_ATTN = {True: 1, False: 0}     # LLAMA_FLASH_ATTN_TYPE_ENABLED / _DISABLED
-
-
-def device_bytes(buffers, cuda):
-    """Sum of llama.cpp's device buffers: model, KV and compute, never the host output buffer.
-
-    On a CPU worker the CPU backend stands in for the device, so its buffers count.
-    """
-    total = 0
-    for key, nbytes in buffers.items():
-        dev, kind = key.split()
-        if kind == "output" or "_Host" in dev or (cuda and dev.startswith("CPU")):
-            continue
-        total += nbytes
-    return total
-
-
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-except OSError:  # not glibc
-    _LIBC = None
-
-
-def _trim_heap():
-    """Give freed heap back to the OS (glibc keeps it in per-thread arenas otherwise)."""
-    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
-
-
-class _Emitter:
-    """Calls on_token with whole UTF-8 characters, and notes when the first token came."""
-
-    def __init__(self, model, on_token, first):
-        self.model, self.on_token, self.first = model, on_token, first
-        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
-
-    def __call__(self, index, token):
-        if not self.first:
-            self.first.append(time.perf_counter())
-        if self.on_token is not None:
-            self.on_token(index, token, self.decoder.decode(self.model.piece(token)))
-
-
-def _delta(before, after):
-    return None if before is None or after is None else after - before
-
-
-class Model:
-    """One loaded GGUF, shared by every agent on it."""
-
-    def __init__(self, path, ptr, load_ms, buffers, nvml_delta):
-        self.path = path
-        self.nvml_delta = nvml_delta
-        self.ptr = ptr
-        self.vocab = llama_cpp.llama_model_get_vocab(ptr)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
-        self.refs = 0
-        self.load_ms = load_ms
-        self.buffers = buffers
-
-    def tokenize(self, text, add_bos):
-        """Text -> token ids (special tokens in the text are not parsed)."""
-        raw = text.encode("utf-8")
-        cap = len(raw) + 8
-        buf = (llama_cpp.llama_token * cap)()
-        n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_bos, False)
-        if n < 0:
-            cap = -n
-            buf = (llama_cpp.llama_token * cap)()
-            n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_bos, False)
-        return list(buf[:n])
-
-    def piece(self, token):
-        """One token's bytes."""
-        buf = ctypes.create_string_buffer(64)
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
-        return buf.raw[:n]
-
-
-class Slot:
-    """One agent: its model, its context size, its conversation and its parked state."""
-
-    def __init__(self, agent, model, spec):
-        self.agent = agent
-        self.model = model
-        self.spec = spec
-        self.n_ctx = spec.n_ctx
-        self.measured = None     # device bytes of its context, once one was built
-        self.n_past = 0          # tokens already in the KV cache
-        self.pending = []        # sampled but not yet evaluated (the last token of a reply)
-        self.parked = None       # HostBuffer with llama_state_get_data output
-        self.parked_bytes = 0
-        self.decodes = 0
-        self.generated = 0
 
 
 class Engine:
@@ -162,7 +65,7 @@ class Engine:
                 raise LmxError(Code.MODEL_ERROR, f"llama.cpp could not load {path}: {why}",
                                Reason.LOAD_FAILED, path=path)
             model = Model(path, ptr, (time.perf_counter() - t0) * 1000,
-                          self.llama_log.buffers(), _delta(before, self.process_bytes()))
+                          self.llama_log.buffers(), nvml_delta(before, self.process_bytes()))
             if not self.loads:
                 # The first load in a process also creates the CUDA context: its NVML delta is
                 # not the model's (the broker books the context as the worker's overhead).
@@ -178,7 +81,7 @@ class Engine:
         if model.refs == 0:
             llama_cpp.llama_model_free(model.ptr)
             del self.models[model.path]
-            _trim_heap()
+            trim_heap()
             log.info("worker: freed %s", model.path)
             return True
         return False
@@ -267,7 +170,7 @@ class Engine:
         self.ctx, self.live = ctx, slot
         slot.ctx_buffers = self.llama_log.buffers()
         slot.measured = {"device_bytes": device_bytes(slot.ctx_buffers, self.gpu),
-                         "nvml_delta": _delta(before, self.process_bytes()),
+                         "nvml_delta": nvml_delta(before, self.process_bytes()),
                          "buffers": slot.ctx_buffers}
 
     def _free_ctx(self):
@@ -393,7 +296,7 @@ class Engine:
         self._eval(feed)
         t_prompt = time.perf_counter()
         first = []
-        emit = _Emitter(model, on_token, first)
+        emit = Emitter(model, on_token, first)
         out, eos, stopped_by = yield from self._generate(slot, n_predict, emit, should_stop)
         t_end = time.perf_counter()
         slot.decodes += 1

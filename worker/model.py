@@ -1,0 +1,103 @@
+"""What the engine is built from: a loaded model, an agent's slot, and small helpers."""
+import llama_cpp  # noqa: I001  -- before numpy (CUDA load order), as everywhere in the worker
+
+import codecs
+import ctypes
+import time
+
+
+def device_bytes(buffers, cuda):
+    """Sum of llama.cpp's device buffers: model, KV and compute, never the host output buffer.
+
+    On a CPU worker the CPU backend stands in for the device, so its buffers count.
+    """
+    total = 0
+    for key, nbytes in buffers.items():
+        dev, kind = key.split()
+        if kind == "output" or "_Host" in dev or (cuda and dev.startswith("CPU")):
+            continue
+        total += nbytes
+    return total
+
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc
+    _LIBC = None
+
+
+def trim_heap():
+    """Give freed heap back to the OS (glibc keeps it in per-thread arenas otherwise)."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+class Emitter:
+    """Calls on_token with whole UTF-8 characters, and notes when the first token came."""
+
+    def __init__(self, model, on_token, first):
+        self.model, self.on_token, self.first = model, on_token, first
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def __call__(self, index, token):
+        if not self.first:
+            self.first.append(time.perf_counter())
+        if self.on_token is not None:
+            self.on_token(index, token, self.decoder.decode(self.model.piece(token)))
+
+
+def nvml_delta(before, after):
+    return None if before is None or after is None else after - before
+
+
+class Model:
+    """One loaded GGUF, shared by every agent on it."""
+
+    def __init__(self, path, ptr, load_ms, buffers, nvml_delta):
+        self.path = path
+        self.nvml_delta = nvml_delta
+        self.ptr = ptr
+        self.vocab = llama_cpp.llama_model_get_vocab(ptr)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.refs = 0
+        self.load_ms = load_ms
+        self.buffers = buffers
+
+    def tokenize(self, text, add_bos):
+        """Text -> token ids (special tokens in the text are not parsed)."""
+        raw = text.encode("utf-8")
+        cap = len(raw) + 8
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_bos, False)
+        if n < 0:
+            cap = -n
+            buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_bos, False)
+        return list(buf[:n])
+
+    def piece(self, token):
+        """One token's bytes."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+        return buf.raw[:n]
+
+
+class Slot:
+    """One agent: its model, its context size, its conversation and its parked state."""
+
+    def __init__(self, agent, model, spec):
+        self.agent = agent
+        self.model = model
+        self.spec = spec
+        self.n_ctx = spec.n_ctx
+        self.measured = None     # device bytes of its context, once one was built
+        self.n_past = 0          # tokens already in the KV cache
+        self.pending = []        # sampled but not yet evaluated (the last token of a reply)
+        self.parked = None       # HostBuffer with llama_state_get_data output
+        self.parked_bytes = 0
+        self.decodes = 0
+        self.generated = 0
