@@ -12,6 +12,12 @@ from lmx.common.errors import Code, LmxError, Reason
 log = logging.getLogger("lmx.broker")
 
 
+class _Newcomer:
+    """Stands for an agent not registered yet when planning room for it."""
+
+    live = False
+
+
 class AdmissionMixin:
     """The Broker's request handlers that touch the ledger (mixed into Broker)."""
 
@@ -33,7 +39,18 @@ class AdmissionMixin:
         device = self.worker.device.get("kind", "cpu")
         est = estimate(model, spec, self.config.table, device, self.measured,
                        model_dirs=self.config.model_dirs)
-        rec, mrec = self._book(agent, model, est, spec, identity)
+        try:
+            rec, mrec = self._book(agent, model, est, spec, identity)
+        except LmxError as err:
+            victims = None
+            if err.code == Code.VRAM_LEDGER_DENY and self.config.admit_by_parking:
+                new = est.context + (0 if est.path in self.models else est.weights)
+                victims = self._plan_room(_Newcomer(), new)
+            if not victims:
+                raise
+            for victim in victims:
+                self._park(victim)
+            rec, mrec = self._book(agent, model, est, spec, identity)
 
         def done(result):
             if result.get("status") == "ok":
@@ -137,6 +154,7 @@ class AdmissionMixin:
         """UNREGISTER: free the worker's slot, then release the agent's bytes."""
         rec = self._agent(msg.fields["agent"])
         prior, rec.state = rec.state, "leaving"
+        self._drop_waiting(rec, "the agent was unregistered before this DECODE ran")
 
         def done(result):
             gone = result.get("status") == "ok" or result.get("code") in (
@@ -171,8 +189,15 @@ class AdmissionMixin:
                            Reason.BAD_VALUE, field="deadline_ms")
         t0 = time.monotonic()
         key = (rec.agent, msg.id)
+        deadline = t0 + deadline_ms / 1000 if deadline_ms else None
+        stream = bool(msg.fields.get("stream"))
+        if self.waiting:       # the worker's queue checks itself at submit; add those waiting
+            queued = len(self.worker.queue) + len(self.worker.inflight) - 1 + len(self.waiting)
+            if queued >= self.config.queue_depth:
+                raise LmxError(Code.BUSY, f"request queue is full ({queued} waiting)",
+                               queue_depth=queued, max_queue_depth=self.config.queue_depth)
 
-        def done(result):
+        def finish(result, evicted):
             self.requests.pop(key, None)
             if result.get("context_measured"):
                 self._reconcile_context(rec, result["context_measured"])
@@ -180,10 +205,9 @@ class AdmissionMixin:
                 rec.decodes += 1
                 rec.generated_tokens += result.get("generated_tokens", 0)
                 rec.last_active = time.time()
+                result["kv_swap_evicted"] = evicted
             result = dict(result, agent=rec.agent, broker_ms=round(
                 (time.monotonic() - t0) * 1000, 2))
-            if job.sent_at is not None:
-                result["queue_ms"] = round((job.sent_at - job.queued_at) * 1000, 2)
             if rec.context_reset and result.get("status") == "ok":
                 result["context_reset"] = True      # said once, on the first reply after it
                 rec.context_reset = False
@@ -192,13 +216,39 @@ class AdmissionMixin:
         def partial(fields):
             self._send(identity, msg.id, dict(fields, status="partial", agent=rec.agent))
 
-        job = self._submit("DECODE", {"agent": rec.agent, "prompt": prompt,
-                                      "n_predict": n_predict, "stream": bool(
-                                          msg.fields.get("stream")),
-                                      "max_prompt_tokens": self.config.max_prompt_tokens},
-                           done, deadline=t0 + deadline_ms / 1000 if deadline_ms else None,
-                           partial=partial if msg.fields.get("stream") else None)
-        self.requests[key] = job
+        def launch(parked):
+            # Say which agent lost its live context for this one (one that had one).
+            evicted = next((a for a in parked if self.agents.get(a) and
+                            self.agents[a].decodes), None)
+
+            def done(result):
+                rec.outstanding -= 1
+                rec.last_used = time.monotonic()
+                if job.sent_at is not None:
+                    result["queue_ms"] = round((job.sent_at - t0) * 1000, 2)
+                finish(result, evicted)
+
+            rec.outstanding += 1
+            rec.last_used = time.monotonic()
+            try:
+                job = self._submit("DECODE", {
+                    "agent": rec.agent, "prompt": prompt, "n_predict": n_predict,
+                    "stream": stream, "max_prompt_tokens": self.config.max_prompt_tokens},
+                    done, deadline=deadline, partial=partial if stream else None)
+            except LmxError:
+                rec.outstanding -= 1
+                raise
+            self.requests[key] = job
+
+        def fail(err):
+            self.requests.pop(key, None)
+            finish(err.fields(), None)
+
+        parked = None if self._has_waiting(rec) else self._ensure_live(rec)
+        if parked is None:
+            self.requests[key] = self._wait_for_room(rec, launch, fail, deadline)
+        else:
+            launch(parked)
         return None
 
     def on_cancel(self, _identity, msg):
@@ -207,6 +257,10 @@ class AdmissionMixin:
         The DECODE's own reply says which: CANCELLED, or ok with stopped_by "cancel"."""
         agent, request = msg.fields["agent"], msg.fields["request"]
         job = self.requests.get((agent, request))
+        if job in self.waiting:
+            self.waiting.remove(job)
+            job.fail(LmxError(Code.CANCELLED, "cancelled while it waited for room"))
+            return {"agent": agent, "request": request, "cancelled": "queued"}
         where = self.worker.cancel(job) if job is not None else None
         if where is None:
             raise LmxError(Code.UNKNOWN_REQUEST, f"no DECODE {request!r} of agent {agent!r} is "
@@ -224,9 +278,10 @@ class AdmissionMixin:
     def _check_queue(self):
         if self.worker.state != "ready":
             raise LmxError(Code.WORKER_UNAVAILABLE, f"worker is {self.worker.state}")
-        if len(self.worker.queue) >= self.config.queue_depth:
-            raise LmxError(Code.BUSY, "request queue is full", queue_depth=len(
-                self.worker.queue), max_queue_depth=self.config.queue_depth)
+        queued = len(self.worker.queue) + len(self.waiting)
+        if queued >= self.config.queue_depth:
+            raise LmxError(Code.BUSY, "request queue is full", queue_depth=queued,
+                           max_queue_depth=self.config.queue_depth)
 
     def _agent(self, agent):
         rec = self.agents.get(agent)

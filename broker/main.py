@@ -84,21 +84,29 @@ def _private_worker_endpoint():
               help="tcp endpoints: the broker's zmq.auth secret key file.")
 @click.option("--curve-clients", type=click.Path(exists=True, file_okay=False), default=None,
               help="tcp endpoints: folder of the public keys of clients allowed in.")
-@click.option("--max-live-contexts", default=1, show_default=True, type=click.IntRange(1, 256),
-              help="Agents' contexts the worker keeps live at once (least recently used parked "
-              "past it); 1 swaps on every agent switch.")
+@click.option("--max-live-contexts", default=0, show_default=True, type=click.IntRange(0, 4096),
+              help="At most this many agents live at once (idle ones parked, least recently "
+              "used first, when another must run); 0: as many as the ledger allows.")
+@click.option("--admit-by-parking", is_flag=True, help="A REGISTER that does not fit parks "
+              "idle agents (least recently used first) to make room, instead of being refused.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 64),
+              help="Agents of one model and context spec decoded in one llama_decode batch.")
+@click.option("--park-ram", callback=_size, default="4GiB", show_default=True,
+              help="Host memory for parked KV state; past it, parked state goes to files in "
+              "STATE_DIR/parked.")
 @click.option("--quantum", default=4, show_default=True, type=click.IntRange(1, 4096),
-              help="Tokens of one agent's DECODE per turn before the next agent's turn.")
+              help="Tokens (batched steps) a group of agents runs per turn before the next "
+              "group's turn and new jobs.")
 @click.option("--park-to-disk/--no-park-to-disk", default=True, show_default=True,
-              help="Also write parked KV state to STATE_DIR/parked, so conversations survive "
-              "a worker or broker restart.")
+              help="Use STATE_DIR/parked: parked state past --park-ram, and a copy of every "
+              "parked state so conversations survive a worker or broker restart.")
 @click.option("--log-level", default="INFO", show_default=True)
 def main(endpoint, worker_endpoint, vram_table, vram_total, admission_percent, spawn_worker,
          worker_cpu, threads, gpu_index, worker_overhead, worker_start_timeout, heartbeat,
          liveness, queue_depth, default_n_ctx, max_frame_bytes, max_n_predict, state_dir,
          measure_margin, others_margin, simulate_others, model_dirs, max_prompt_tokens,
-         max_agents_per_client, curve_secret_key, curve_clients, max_live_contexts, quantum,
-         park_to_disk, log_level):
+         max_agents_per_client, curve_secret_key, curve_clients, max_live_contexts, admit_by_parking,
+         max_batch, park_ram, quantum, park_to_disk, log_level):
     """Run the lmx broker (and, by default, its worker) until SIGINT/SIGTERM."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     try:
@@ -120,7 +128,7 @@ def main(endpoint, worker_endpoint, vram_table, vram_total, admission_percent, s
     args += ["--cpu"] if worker_cpu else []
     args += ["--simulate-others", os.path.abspath(simulate_others)] if simulate_others else []
     args += ["--park-dir", os.path.join(state_dir, "parked")] if park_to_disk else []
-    args += ["--max-live-contexts", str(max_live_contexts), "--quantum", str(quantum)]
+    args += ["--max-batch", str(max_batch), "--park-ram", str(park_ram), "--quantum", str(quantum)]
     config = BrokerConfig(
         endpoint=endpoint, worker_endpoint=worker_endpoint,
         table=table, vram_total=vram_total, admission_percent=admission_percent,
@@ -132,7 +140,8 @@ def main(endpoint, worker_endpoint, vram_table, vram_total, admission_percent, s
         others_margin=others_margin, model_dirs=tuple(model_dirs),
         max_prompt_tokens=max_prompt_tokens, max_agents_per_client=max_agents_per_client,
         curve_secret_key=curve_secret_key, curve_clients=curve_clients,
-        park_to_disk=park_to_disk)
+        park_to_disk=park_to_disk, max_live_contexts=max_live_contexts,
+        admit_by_parking=admit_by_parking)
     broker = Broker(config)
     # Signal handlers do no work: they ask the loop to stop.
     signal.signal(signal.SIGTERM, lambda *_: setattr(broker, "stop", True))

@@ -15,6 +15,7 @@ from lmx.broker import access
 from lmx.broker.admission import AdmissionMixin
 from lmx.broker.estimator import CUDA_OVERHEAD
 from lmx.broker.journal import Journal
+from lmx.broker.liveset import LiveSetMixin
 from lmx.broker.ledger import Ledger
 from lmx.broker.measured import MeasuredCache
 from lmx.broker.recovery import RecoveryMixin
@@ -57,6 +58,8 @@ class BrokerConfig:
     curve_secret_key: str = None       # tcp endpoints: the server's zmq.auth secret key file
     curve_clients: str = None          # ... and the folder of allowed clients' public keys
     park_to_disk: bool = True          # parked state also on disk (state_dir/parked)
+    max_live_contexts: int = 0         # 0: as many as the ledger allows
+    admit_by_parking: bool = False     # REGISTER may park idle agents to make room
     measure_margin_percent: int = 5    # booking after reconciliation = measured + this
     others_margin: int = 256 << 20     # kept free below what other processes hold
 
@@ -74,7 +77,7 @@ def refuse_if_served(endpoint):
     raise RuntimeError(f"another lmx broker (worker pid {pid}) is serving {endpoint}")
 
 
-class Broker(AdmissionMixin, RecoveryMixin, ViewsMixin):
+class Broker(AdmissionMixin, LiveSetMixin, RecoveryMixin, ViewsMixin):
     """Admission accounting, the agent registry and the request queue."""
 
     def __init__(self, config, ctx=None):
@@ -103,6 +106,7 @@ class Broker(AdmissionMixin, RecoveryMixin, ViewsMixin):
         self._backoff = 1.0
         self._respawn_at = None
         self.auth = None
+        self._init_liveset()
 
     # -- start-up and the loop ----------------------------------------------------------
 
@@ -177,6 +181,7 @@ class Broker(AdmissionMixin, RecoveryMixin, ViewsMixin):
                 self._status_cache = None
                 job.done(LmxError(Code.DEADLINE, "the deadline passed while the request was "
                                   "queued").fields())
+            self._expire_waiting(now)
             if now >= next_beat:
                 self.worker.heartbeat()
                 next_beat = now + self.config.heartbeat_s
@@ -254,4 +259,5 @@ class Broker(AdmissionMixin, RecoveryMixin, ViewsMixin):
                 self._reconcile_overhead(self.worker.engine)
             except Exception:  # a callback bug must never kill the loop
                 log.exception("broker: %s result handling failed", job.verb)
+            self._retry_waiting()
         self.worker.pump(time.monotonic())

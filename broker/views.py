@@ -39,18 +39,36 @@ class ViewsMixin:
                 "streaming_reason": (dev.get("streaming") or {}).get("reason"),
                 "live_agent": wk.engine.get("live_agent"),
                 "live_agents": wk.engine.get("live_agents", []),
+                "batch_groups": wk.engine.get("groups", []),
+                "parked_ram_bytes": wk.engine.get("parked_ram_bytes"),
+                "park_ram_budget": wk.engine.get("park_ram_budget"),
+                "agent_states": {a.agent: {k: v for k, v in self._agent_view(a).items() if k in (
+                    "residence", "booked_now_bytes", "parked_bytes", "queue_depth",
+                    "generated_tokens", "last_active")} for a in self.agents.values()},
+                "waiting_for_room": len(self.waiting),
                 "models": self._models(), "agents": len(self.agents),
                 "queue_depth": max(len(wk.queue) + len(wk.inflight) - 1, 0),
                 "inflight": len(wk.inflight)}
 
     def on_list(self, _identity, _msg):
         """LIST: every agent with its booking and state."""
-        slots = self.worker.engine.get("slots", {})
-        keys = (("live", False), ("parked_bytes", 0), ("parked_pinned", False),
-                ("parked_on_disk", False), ("n_past", 0))
-        return {"agents": [dict(vars(a), owner=a.owner.hex(),
-                                **{k: slots.get(a.agent, {}).get(k, d) for k, d in keys})
-                           for a in self.agents.values()]}
+        return {"agents": [self._agent_view(a) for a in self.agents.values()]}
+
+    def _agent_view(self, rec):
+        """One agent as LIST shows it: the broker's record plus the worker's slot.
+
+        residence: live (its context booked), parked_ram, parked_disk, or parked_empty (parked
+        before it had any state)."""
+        slot = self.worker.engine.get("slots", {}).get(rec.agent, {})
+        parked = slot.get("parked")
+        residence = "live" if rec.live else f"parked_{parked}" if parked else "parked_empty"
+        return dict(vars(rec), owner=rec.owner.hex(), residence=residence,
+                    booked_now_bytes=self.ledger.booked(f"agent:{rec.agent}") or 0,
+                    queue_depth=rec.outstanding + sum(1 for w in self.waiting if w.rec is rec),
+                    parked_bytes=slot.get("parked_bytes", 0),
+                    parked_pinned=slot.get("parked_pinned", False),
+                    parked_on_disk=parked == "disk", n_past=slot.get("n_past", 0),
+                    batch=slot.get("batch", 0), worker_live=slot.get("live", False))
 
     def _ledger_numbers(self):
         return {"ledger_max_bytes": self.ledger.max_bytes,

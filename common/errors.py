@@ -45,6 +45,8 @@ class Reason:
     CONTEXT_FAILED = "CONTEXT_FAILED"
     PROMPT_TOKENS = "PROMPT_TOKENS"        # LIMIT
     AGENTS_PER_CLIENT = "AGENTS_PER_CLIENT"
+    PARK_BUDGET = "PARK_BUDGET"            # LIMIT: parked state past the host-memory budget
+    LIVE_BUSY = "LIVE_BUSY"                # VRAM_LEDGER_DENY: room only if busy agents parked
     OUTSIDE_MODEL_DIRS = "OUTSIDE_MODEL_DIRS"  # FORBIDDEN
     MISSING_FIELD = "MISSING_FIELD"        # BAD_REQUEST
     BAD_TYPE = "BAD_TYPE"

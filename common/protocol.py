@@ -61,6 +61,7 @@ WORKER_JOBS = {
     "REGISTER": {"agent": Field(str), "path": Field(str), "spec": Field(dict),
                  "resume": Field(bool, False)},
     "UNREGISTER": {"agent": Field(str)},
+    "PARK": {"agent": Field(str)},              # save its sequence to host memory or disk
     "DECODE": {"agent": Field(str), "prompt": Field(str), "n_predict": Field(int),
                "max_prompt_tokens": Field(int, False), "stream": Field(bool, False),
                "deadline_ms": Field(int, False)},

@@ -35,24 +35,35 @@ def test_failed_load_leaves_nothing(engine, tmp_path):
 def test_swap_and_restore_is_exact(engine, smol_path, gemma_path):
     engine.register("s", smol_path, ContextSpec(n_ctx=1024))
     engine.register("g", gemma_path, ContextSpec(n_ctx=1024))
-    engine.register("ref", smol_path, ContextSpec(n_ctx=1024))
+    engine.register("ref", smol_path, ContextSpec(n_ctx=1024, n_batch=256))  # not s's group
     try:
         first = engine.decode("s", "Hello, my name is", 16)
         assert first["kv_swap_evicted"] is None and not first["kv_swap_restored"]
-        other = engine.decode("g", "The capital of France is", 8)
-        assert other["kv_swap_evicted"] == "s"
+        assert first["context_measured"]["device_bytes"] > 0     # built for s alone
+        assert engine.park("s") == {"parked": "ram", "parked_bytes": engine.slots[
+            "s"].parked_bytes}
         assert engine.summary()["slots"]["s"]["parked_bytes"] > 0
+        assert engine.summary()["live_agents"] == []
+        other = engine.decode("g", "The capital of France is", 8)
+        assert engine.park("g")["parked"] == "ram"      # Gemma: sliding-window KV as well
         resumed = engine.decode("s", "The weather today is", 16)
-        assert resumed["kv_swap_evicted"] == "g" and resumed["kv_swap_restored"] is True
-        # The same conversation with no swap in between.
+        assert resumed["kv_swap_restored"] is True
+        again = engine.decode("g", "and the capital of Italy is", 8)
+        assert again["kv_swap_restored"] is True
+        # The same conversations with no park in between.
         ref1 = engine.decode("ref", "Hello, my name is", 16)
         ref2 = engine.decode("ref", "The weather today is", 16)
         assert ref1["tokens"] == first["tokens"]
         assert ref2["tokens"] == resumed["tokens"] and ref2["text"] == resumed["text"]
         assert not ref2["kv_swap_restored"]
+        engine.unregister("s")
+        engine.register("s", gemma_path, ContextSpec(n_ctx=1024))
+        assert engine.decode("s", "The capital of France is", 8)["tokens"] == other["tokens"]
+        assert engine.decode("s", "and the capital of Italy is", 8)["tokens"] == again["tokens"]
     finally:
         for agent in ("s", "g", "ref"):
             engine.unregister(agent)
+    assert engine.parked_ram == 0 and engine.groups == []
 
 
 def test_context_full_is_refused_before_any_work(engine, smol_path):
@@ -61,34 +72,70 @@ def test_context_full_is_refused_before_any_work(engine, smol_path):
         with pytest.raises(LmxError) as info:
             engine.decode("c", "Hello " * 40, 40)
         assert info.value.code == Code.CONTEXT_FULL
-        assert engine.live is None or engine.live.agent != "c"
+        assert engine.slots["c"].group is None and engine.slots["c"].pending == []
         assert engine.decode("c", "Hi", 4)["generated_tokens"] >= 1
     finally:
         engine.unregister("c")
 
 
-def test_several_live_contexts_park_the_least_recently_used(smol_path):
+PROMPTS = ["Hello, my name is", "The capital of France is", "Once upon a time",
+           "def fib(n):"]
+
+
+def _run_together(eng, agents, prompts, n):
+    runs = [eng.start(a, p, n) for a, p in zip(agents, prompts)]
+    eng.prepare(runs)
+    done = []
+    while runs:
+        finished = eng.step(runs)
+        done += finished
+        runs = [r for r in runs if r not in finished]
+    return {r.agent: r.result for r in done}
+
+
+def test_batched_agents_match_solo_and_park_under_a_small_budget(smol_path, tmp_path):
+    """4 agents in one batch: each equals its solo run; parking past a 600 KiB host budget
+    spills to disk, and both kinds of parked state restore exactly."""
     from lmx.worker.engine import Engine
-    eng = Engine(2, gpu=False, pinned=False, max_live=2)
+    eng = Engine(2, gpu=False, pinned=False, park_dir=str(tmp_path), park_ram=600 << 10)
+    agents = ["a0", "a1", "a2", "a3"]
     try:
-        for agent in ("a", "b", "c", "ref"):
+        for agent in agents + ["ref"]:
             eng.register(agent, smol_path, ContextSpec(n_ctx=512))
-        a1 = eng.decode("a", "Hello, my name is", 8)
-        b1 = eng.decode("b", "The sky is", 4)
-        assert b1["kv_swap_evicted"] is None                 # a stays live beside b
-        again = eng.decode("a", "I like", 8)
-        assert (again["kv_swap_evicted"], again["kv_swap_restored"]) == (None, False)
-        assert again["context_measured"] is None             # no context was built
-        c1 = eng.decode("c", "Once", 4)
-        assert c1["kv_swap_evicted"] == "b"                   # b was the least recently used
-        assert sorted(eng.summary()["live_agents"]) == ["a", "c"]
-        b2 = eng.decode("b", "and then", 4)
-        assert b2["kv_swap_restored"] is True and b2["kv_swap_evicted"] == "a"
-        ref1 = eng.decode("ref", "Hello, my name is", 8)
-        ref2 = eng.decode("ref", "I like", 8)
-        assert [ref1["tokens"], ref2["tokens"]] == [a1["tokens"], again["tokens"]]
-        for agent in ("a", "b", "c", "ref"):
+        first = _run_together(eng, agents, PROMPTS, 16)
+        assert eng.summary()["groups"] == [4]
+        assert all(r["batch"] == 4 for r in first.values())
+        assert all(r["context_measured"] is None for r in first.values())   # a shared context
+        where = [eng.park(a)["parked"] for a in ("a1", "a2", "a3")]
+        assert where[0] == "ram" and "disk" in where          # the budget holds one
+        assert (tmp_path / "a3.state").exists() and eng.parked_ram <= 600 << 10
+        view = eng.summary()["slots"]
+        assert [view[a]["parked"] for a in agents] == [None] + where
+        second = _run_together(eng, agents, [" and then"] * 4, 8)
+        assert [second[a]["kv_swap_restored"] for a in agents] == [False, True, True, True]
+        assert eng.parked_ram == 0 and not list(tmp_path.glob("a*.state"))
+        for agent, prompt in zip(agents, PROMPTS):
+            eng.unregister("ref")
+            eng.register("ref", smol_path, ContextSpec(n_ctx=512, n_batch=256))
+            assert eng.decode("ref", prompt, 16)["tokens"] == first[agent]["tokens"]
+            assert eng.decode("ref", " and then", 8)["tokens"] == second[agent]["tokens"]
+        for agent in agents + ["ref"]:
             eng.unregister(agent)
-        assert not eng.standby and eng.live is None
+        assert eng.groups == [] and eng.models == {}
+    finally:
+        eng.close()
+
+
+def test_park_past_the_budget_without_a_state_dir_is_refused(smol_path):
+    from lmx.worker.engine import Engine
+    eng = Engine(2, gpu=False, pinned=False, park_ram=1024)
+    try:
+        eng.register("a", smol_path, ContextSpec(n_ctx=512))
+        eng.decode("a", "Hello", 4)
+        with pytest.raises(LmxError) as info:
+            eng.park("a")
+        assert info.value.code == Code.LIMIT and info.value.reason == Reason.PARK_BUDGET
+        assert eng.slots["a"].group is not None             # still live, nothing lost
+        assert eng.decode("a", "again", 4)["generated_tokens"] >= 1
     finally:
         eng.close()

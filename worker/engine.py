@@ -1,14 +1,20 @@
-"""llama.cpp in one process: models shared by refcount, one slot per agent, one live context.
+"""llama.cpp in one process: models shared by refcount, agents batched into shared contexts.
 
-An agent switch parks the live context's state in host memory with the low-level
-``llama_state_get_data`` (pinned memory on CUDA), frees that context, and builds (or restores
-with ``llama_state_set_data``) the next agent's context. Decode is greedy and driven here, token
-by token, with ``llama_decode``; the high-level ``Llama`` class is not used (its save_state copies
-the whole logits history).
+Agents on the same model with the same context spec are *live* in one llama_context with one
+sequence each (a group): every step evaluates one llama_batch that carries the next token of
+each running agent and reads each agent's logits with ``llama_get_logits_ith``. A group's
+context holds exactly its members' sequences (``n_seq_max`` = members, ``n_ctx`` = members x
+the agent's n_ctx, one unified KV stream), so its device bytes never exceed the sum of its
+members' single contexts; when membership changes, the group is rebuilt and every sequence is
+carried over with ``llama_state_seq_get_data`` / ``llama_state_seq_set_data``.
+
+An agent leaves its group only when the broker parks it (the broker's ledger decides what is
+live). Its sequence state goes to host memory (pinned on CUDA) within the ``park_ram`` budget,
+past it to a file in ``park_dir``. Decode is greedy and driven here; the last sampled token of a
+reply stays pending until the next step, so a park or rebuild between steps loses nothing.
 """
 import llama_cpp  # noqa: I001  -- must precede numpy: the CUDA load segfaulted otherwise
 
-import collections
 import ctypes
 import logging
 import os
@@ -20,32 +26,54 @@ from lmx.common.ctxspec import KV_TYPES
 from lmx.common.errors import Code, LmxError, Reason
 from lmx.worker import parkdisk
 from lmx.worker.device import HostBuffer
-from lmx.worker.model import Model, Slot, Emitter, nvml_delta, trim_heap, device_bytes
+from lmx.worker.model import Model, Slot, Emitter, Group, nvml_delta, trim_heap, device_bytes
 from lmx.worker.llamalog import LlamaLog
 
 log = logging.getLogger("lmx.worker")
 FLASH_ATTN = {True: 1, False: 0}     # LLAMA_FLASH_ATTN_TYPE_ENABLED / _DISABLED
+STATE_FORMAT = "seq-1"               # what the parked files hold: llama_state_seq_get_data
+
+
+class Run:
+    """One DECODE in progress: its slot, what it generated, its clocks."""
+
+    def __init__(self, slot, prompt_tokens, n_predict, emit, should_stop, t0):
+        self.slot, self.n_predict, self.emit, self.should_stop = slot, n_predict, emit, should_stop
+        self.prompt_tokens = prompt_tokens
+        self.out = []
+        self.t0, self.t_live, self.t_prompt = t0, None, None
+        self.restored = False
+        self.built = False
+        self.result = None          # set when finished
+        self.eos = False
+        self.stopped_by = None
+
+    @property
+    def agent(self):
+        return self.slot.agent
 
 
 class Engine:
-    """Models, slots and the one live context of this worker."""
+    """Models, agents' slots, and the groups of live agents of this worker."""
 
-    def __init__(self, n_threads, gpu, pinned, process_bytes=None, park_dir=None, max_live=1):
+    def __init__(self, n_threads, gpu, pinned, process_bytes=None, park_dir=None,
+                 park_ram=None, max_batch=8):
         self.process_bytes = process_bytes or (lambda: None)   # NVML reading of this process
-        self.max_live = max(1, max_live)  # contexts kept live at once (every one is booked)
-        self.standby = collections.OrderedDict()   # agent -> (slot, ctx): live, not current
-        self.park_dir = park_dir          # also park to disk here (survives restarts)
+        self.park_dir = park_dir          # spill past park_ram, and copies for restarts
         if park_dir:
             os.makedirs(park_dir, mode=0o700, exist_ok=True)
+        self.park_ram = park_ram          # host bytes for parked state (None: no limit)
+        self.parked_ram = 0
+        self.max_batch = max(1, max_batch)
         self.n_threads = n_threads
         self.gpu = gpu
         self.pinned = pinned
         self.models = {}
         self.slots = {}
+        self.groups = []
         self.loads = 0
-        self._one = (llama_cpp.llama_token * 1)()
-        self.live = None          # the Slot whose context is live
-        self.ctx = None
+        self._batch = None
+        self._batch_size = 0
         self.llama_log = LlamaLog()
         llama_cpp.llama_backend_init()
 
@@ -91,7 +119,8 @@ class Engine:
     def register(self, agent, path, spec, resume=False):
         """Acquire the model (refcounted) and create the agent's slot (spec: ContextSpec).
 
-        resume: pick up the agent's state parked on disk before a restart, if it matches."""
+        The slot joins a group (gets a live sequence) at its first DECODE. resume: pick up the
+        agent's state parked on disk before a restart, if it matches."""
         if agent in self.slots:
             raise LmxError(Code.AGENT_EXISTS, f"agent {agent!r} already has a slot")
         fresh = path not in self.models
@@ -108,28 +137,25 @@ class Engine:
 
     def _disk_key(self, slot):
         return {"model": slot.model.path, "model_size": os.path.getsize(slot.model.path),
-                "spec": slot.spec.as_dict()}
+                "spec": slot.spec.as_dict(), "format": STATE_FORMAT}
 
     def _resume(self, slot):
-        """Load parked state from disk into host memory; True if there was a valid one."""
+        """Adopt state parked on disk before a restart; True if there was a valid one."""
         found = self.park_dir and parkdisk.load(self.park_dir, slot.agent, self._disk_key(slot))
         if not found:
             return False
         raw, meta = found
-        buf = HostBuffer(len(raw), self.pinned)
-        ctypes.memmove(buf.data, raw, len(raw))
-        slot.parked, slot.parked_bytes = buf, len(raw)
+        slot.on_disk, slot.parked_bytes = True, len(raw)
         slot.n_past, slot.pending = meta["n_past"], meta["pending"]
         log.info("worker: resumed %s from disk (%d tokens)", slot.agent, slot.n_past)
         return True
 
     def unregister(self, agent):
-        """Free the agent's context or parked state, its slot, and its model reference."""
+        """Free the agent's sequence or parked state, its slot, and its model reference."""
         slot = self._slot(agent)
-        if self.live is slot:
-            self._free_ctx()
-        elif agent in self.standby:
-            llama_cpp.llama_free(self.standby.pop(agent)[1])
+        if slot.group is not None:
+            group = slot.group
+            self._rebuild(group, [s for s in group.members if s is not slot])
         self._drop_parked(slot)
         if self.park_dir:
             parkdisk.remove(self.park_dir, agent)
@@ -142,15 +168,19 @@ class Engine:
             raise LmxError(Code.UNKNOWN_AGENT, f"no agent {agent!r} on this worker")
         return slot
 
-    # -- contexts -----------------------------------------------------------------------
+    # -- groups -------------------------------------------------------------------------
 
-    def _ctx_params(self, spec):
+    def _ctx_params(self, spec, k):
         p = llama_cpp.llama_context_default_params()
-        p.n_ctx = spec.n_ctx
+        p.n_ctx = spec.n_ctx * k
         p.n_batch = spec.n_batch
         p.n_ubatch = spec.n_ubatch
-        p.n_seq_max = spec.n_seq
-        p.n_outputs_max = spec.n_outputs_max
+        p.n_seq_max = spec.n_seq * k
+        p.n_outputs_max = max(spec.n_outputs_max, k)
+        # A group shares one KV stream (unified): a sequence's saved state then fits a group
+        # of any size (llama.cpp refuses state across different stream counts). Each agent is
+        # held to its own n_ctx at start(), so k agents never need more than k x n_ctx cells.
+        p.kv_unified = spec.n_seq == 1
         p.swa_full = spec.swa_full
         p.flash_attn_type = FLASH_ATTN[spec.flash_attn]
         p.type_k = KV_TYPES[spec.type_k][0]
@@ -159,119 +189,163 @@ class Engine:
         p.no_perf = True
         return p
 
-    def _new_ctx(self, slot):
+    def _batchable(self, slot):
+        return slot.spec.n_seq == 1 and slot.spec.n_batch >= self.max_batch
+
+    def _rebuild(self, group, members):
+        """Recreate the group's context for exactly `members`, carrying every remaining
+        member's sequence over (a member leaving must have been saved already)."""
+        carry = {}
+        if group.ctx is not None:
+            for slot in group.members:
+                if slot in members and slot.n_past:
+                    carry[slot.agent] = self._seq_save(group.ctx, slot.seq)
+            llama_cpp.llama_free(group.ctx)
+            group.ctx = None
+        for slot in group.members:
+            if slot not in members:
+                slot.group = slot.seq = None
+        group.members = list(members)
+        if not members:
+            self.groups.remove(group)
+            trim_heap()
+            return
         self.llama_log.reset()
         before = self.process_bytes()
-        ctx = llama_cpp.llama_init_from_model(slot.model.ptr, self._ctx_params(slot.spec))
+        ctx = llama_cpp.llama_init_from_model(group.model.ptr, self._ctx_params(
+            group.spec, len(members)))
         if not ctx:
+            for slot in members:       # their sequences are lost: say so, keep the slots
+                slot.group = slot.seq = None
+                slot.n_past, slot.pending = 0, []
+            self.groups.remove(group)
             why = self.llama_log.last_error() or "llama_init_from_model returned NULL"
-            raise LmxError(Code.MODEL_ERROR, f"cannot create a {slot.n_ctx}-token context for "
-                           f"{slot.agent!r}: {why}", Reason.CONTEXT_FAILED)
-        self.ctx, self.live = ctx, slot
-        slot.ctx_buffers = self.llama_log.buffers()
-        slot.measured = {"device_bytes": device_bytes(slot.ctx_buffers, self.gpu),
-                         "nvml_delta": nvml_delta(before, self.process_bytes()),
-                         "buffers": slot.ctx_buffers}
+            raise LmxError(Code.MODEL_ERROR, f"cannot create a context for {len(members)} "
+                           f"sequence(s) of {group.spec.n_ctx} tokens: {why}",
+                           Reason.CONTEXT_FAILED)
+        group.ctx = ctx
+        group.buffers = self.llama_log.buffers()
+        group.measured = {"device_bytes": device_bytes(group.buffers, self.gpu),
+                          "nvml_delta": nvml_delta(before, self.process_bytes()),
+                          "buffers": group.buffers}
+        group.builds += 1
+        for seq, slot in enumerate(members):
+            slot.group, slot.seq = group, seq
+            buf = carry.pop(slot.agent, None)
+            if buf is not None:
+                self._seq_load(ctx, seq, buf.data, buf.nbytes, slot)
+                buf.free()
 
-    def _free_ctx(self):
-        if self.ctx is not None:
-            llama_cpp.llama_free(self.ctx)
-        self.ctx = self.live = None
+    def _seq_save(self, ctx, seq):
+        size = llama_cpp.llama_state_seq_get_size(ctx, seq)
+        buf = HostBuffer(size, self.pinned)
+        buf.nbytes = llama_cpp.llama_state_seq_get_data(ctx, buf.data, size, seq)
+        return buf
 
-    def _park(self, slot, ctx):
-        """Save a context's state to host memory (and disk), free the context; return the agent."""
-        if slot.n_past:
-            size = llama_cpp.llama_state_get_size(ctx)
-            buf = HostBuffer(size, self.pinned)
-            written = llama_cpp.llama_state_get_data(ctx, buf.data, size)
-            slot.parked, slot.parked_bytes = buf, written
-            if self.park_dir:
-                parkdisk.save(self.park_dir, slot.agent, ctypes.string_at(buf.data, written),
-                              dict(self._disk_key(slot), n_past=slot.n_past,
-                                   pending=slot.pending))
-        llama_cpp.llama_free(ctx)
-        return slot.agent
-
-    def _make_room(self):
-        """Move the current context to standby, then park the least recently used contexts
-        until at most max_live - 1 wait there; return the last agent parked, or None."""
-        if self.live is not None:
-            self.standby[self.live.agent] = (self.live, self.ctx)
-            self.ctx = self.live = None
-        evicted = None
-        while len(self.standby) > self.max_live - 1:
-            _, (slot, ctx) = self.standby.popitem(last=False)
-            evicted = self._park(slot, ctx)
-        return evicted
-
-    def _drop_parked(self, slot):
-        if slot.parked is not None:
-            slot.parked.free()
-        slot.parked, slot.parked_bytes = None, 0
-
-    def _activate(self, slot):
-        """Make slot's context current; return (evicted agent or None, restored?).
-
-        A context still live in standby is switched to without a swap; otherwise the least
-        recently used live context is parked if max_live are live already."""
-        if self.live is slot:
-            return None, False
-        if slot.agent in self.standby:
-            _, ctx = self.standby.pop(slot.agent)
-            self._make_room()
-            self.ctx, self.live = ctx, slot
-            return None, False
-        evicted = self._make_room()
-        self._new_ctx(slot)
-        if slot.parked is None:
-            return evicted, False
-        read = llama_cpp.llama_state_set_data(self.ctx, slot.parked.data, slot.parked_bytes)
-        self._drop_parked(slot)
-        if self.park_dir:
-            parkdisk.remove(self.park_dir, slot.agent)    # the live context is the truth now
-        if read == 0:
+    def _seq_load(self, ctx, seq, data, nbytes, slot):
+        if llama_cpp.llama_state_seq_set_data(ctx, data, nbytes, seq) == 0:
             slot.n_past, slot.pending = 0, []
             raise LmxError(Code.INTERNAL, f"restoring {slot.agent!r} failed; its context was "
                            "reset")
-        return evicted, True
+
+    def make_live(self, slots):
+        """Give every slot a live sequence, restoring parked state; return the agents whose
+        state was restored. One rebuild per group that gains members."""
+        joining, seen = {}, set()
+        for slot in slots:
+            if slot.group is None and slot.agent not in seen:
+                seen.add(slot.agent)
+                group = self._group_for(slot, joining)
+                joining.setdefault(group, []).append(slot)
+        restored = []
+        for group, new in joining.items():
+            self._rebuild(group, group.members + new)
+            for slot in new:
+                if slot.parked is not None or slot.on_disk:
+                    self._restore(slot)
+                    restored.append(slot.agent)
+        return restored
+
+    def _group_for(self, slot, joining):
+        for group in self.groups:
+            if group.model is slot.model and group.spec == slot.spec and self._batchable(slot):
+                if len(group.members) + len(joining.get(group, ())) < self.max_batch:
+                    return group
+        group = Group(slot.model, slot.spec)
+        self.groups.append(group)
+        return group
+
+    def _restore(self, slot):
+        if slot.parked is not None:
+            data, nbytes = slot.parked.data, slot.parked_bytes
+        else:
+            found = parkdisk.load(self.park_dir, slot.agent, self._disk_key(slot))
+            if not found:
+                slot.n_past, slot.pending, slot.on_disk = 0, [], False
+                raise LmxError(Code.INTERNAL, f"the state of {slot.agent!r} on disk is gone; "
+                               "its context was reset")
+            raw = found[0]
+            data = (ctypes.c_uint8 * len(raw)).from_buffer_copy(raw)
+            nbytes = len(raw)
+        try:
+            self._seq_load(slot.group.ctx, slot.seq, data, nbytes, slot)
+        finally:
+            self._drop_parked(slot)
+            if self.park_dir:
+                parkdisk.remove(self.park_dir, slot.agent)  # the live sequence is the truth now
+
+    def park(self, agent):
+        """Save the agent's sequence to host memory (within park_ram) or disk and leave its
+        group; return where it went ("ram", "disk", or None when it had nothing to keep)."""
+        slot = self._slot(agent)
+        if slot.group is None:
+            return {"parked": self._where(slot), "parked_bytes": slot.parked_bytes}
+        group = slot.group
+        if slot.n_past:
+            size = llama_cpp.llama_state_seq_get_size(group.ctx, slot.seq)
+            in_ram = self.park_ram is None or self.parked_ram + size <= self.park_ram
+            if not in_ram and not self.park_dir:
+                raise LmxError(Code.LIMIT, f"parking {agent!r} needs {size} bytes of host "
+                               f"memory; {self.park_ram - self.parked_ram} of the parked-state "
+                               "budget are left and there is no state directory",
+                               Reason.PARK_BUDGET, needed=size, park_ram=self.park_ram)
+            buf = self._seq_save(group.ctx, slot.seq)
+            meta = dict(self._disk_key(slot), n_past=slot.n_past, pending=slot.pending)
+            if in_ram:
+                slot.parked, slot.parked_bytes = buf, buf.nbytes
+                self.parked_ram += buf.nbytes
+                if self.park_dir:       # a copy, so a restart can resume the conversation
+                    parkdisk.save(self.park_dir, agent, ctypes.string_at(buf.data, buf.nbytes),
+                                  meta)
+            else:
+                parkdisk.save(self.park_dir, agent, ctypes.string_at(buf.data, buf.nbytes),
+                              meta)
+                slot.on_disk, slot.parked_bytes = True, buf.nbytes
+                buf.free()
+        self._rebuild(group, [s for s in group.members if s is not slot])
+        slot.parks += 1
+        return {"parked": self._where(slot), "parked_bytes": slot.parked_bytes}
+
+    def _where(self, slot):
+        if slot.group is not None:
+            return None
+        return "ram" if slot.parked is not None else "disk" if slot.on_disk else None
+
+    def _drop_parked(self, slot):
+        if slot.parked is not None:
+            self.parked_ram -= slot.parked_bytes
+            slot.parked.free()
+        slot.parked, slot.parked_bytes, slot.on_disk = None, 0, False
 
     # -- decode -------------------------------------------------------------------------
 
-    def _eval(self, tokens):
-        step = min(self.live.spec.n_batch, self.live.n_ctx)
-        for i in range(0, len(tokens), step):
-            chunk = tokens[i:i + step]
-            if len(chunk) == 1:           # the decode loop: reuse one array, no allocation
-                self._one[0] = chunk[0]
-                arr = self._one
-            else:
-                arr = (llama_cpp.llama_token * len(chunk))(*chunk)
-            rc = llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(arr, len(chunk)))
-            if rc != 0:
-                raise LmxError(Code.INTERNAL, f"llama_decode failed with {rc}")
-            self.live.n_past += len(chunk)
+    def start(self, agent, prompt, n_predict, max_prompt_tokens=None, on_token=None,
+              should_stop=None):
+        """Check and tokenize a DECODE; return its Run (nothing runs yet).
 
-    def _argmax(self, n_vocab):
-        ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
-        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(n_vocab,))))
-
-    def decode(self, *args, **kwargs):
-        """Run decode_steps() to the end and return its result."""
-        steps = self.decode_steps(*args, **kwargs)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
-
-    def decode_steps(self, agent, prompt, n_predict, max_prompt_tokens=None, on_token=None,
-                     should_stop=None):
-        """Greedy-decode up to n_predict tokens after prompt, continuing the conversation.
-
-        A generator: it yields after each generated token, so a scheduler can run other agents
-        in between, and returns the result dict. on_token(index, token, text) is called for
-        every generated token (text holds only complete UTF-8 characters); should_stop() is
-        asked after each token and returns a reason ("cancel", "deadline") or None."""
+        on_token(index, token, text) is called for every generated token (text holds only
+        complete UTF-8 characters); should_stop() is asked after each token and returns a
+        reason ("cancel", "deadline") or None."""
         t0 = time.perf_counter()
         slot = self._slot(agent)
         model = slot.model
@@ -289,84 +363,160 @@ class Engine:
             raise LmxError(Code.CONTEXT_FULL, f"{slot.n_past} tokens in context + "
                            f"{len(feed)} new + n_predict {n_predict} > n_ctx {slot.n_ctx}",
                            n_past=slot.n_past, n_ctx=slot.n_ctx, needed=need)
-        built = self.live is not slot and agent not in self.standby
-        evicted, restored = self._activate(slot)
-        t_swap = time.perf_counter()
-        slot.pending = []
-        self._eval(feed)
-        t_prompt = time.perf_counter()
-        first = []
-        emit = Emitter(model, on_token, first)
-        out, eos, stopped_by = yield from self._generate(slot, n_predict, emit, should_stop)
-        t_end = time.perf_counter()
+        slot.pending = feed            # evaluated by the next step
+        return Run(slot, prompt_tokens, n_predict, Emitter(model, on_token, []), should_stop,
+                   t0)
+
+    def decode(self, agent, prompt, n_predict, max_prompt_tokens=None, on_token=None,
+               should_stop=None):
+        """Run one DECODE alone to its end and return its result (tests, tools)."""
+        run = self.start(agent, prompt, n_predict, max_prompt_tokens, on_token, should_stop)
+        self.prepare([run])
+        while run.result is None:
+            self.step([run])
+        return run.result
+
+    def prepare(self, runs):
+        """Make every run's agent live (restoring parked state) before its first step."""
+        fresh = [r for r in runs if r.t_live is None]
+        before = {id(r.slot): r.slot.group for r in fresh}
+        restored = set(self.make_live([r.slot for r in fresh]))
+        now = time.perf_counter()
+        for run in fresh:
+            run.t_live = now
+            run.restored = run.agent in restored
+            group = run.slot.group
+            run.built = before[id(run.slot)] is None and len(group.members) == 1
+
+    def step(self, runs):
+        """One token for every run (all live): a single llama_decode per group for the runs
+        with one token to evaluate, a prompt's chunks on their own; return the runs that
+        finished (their .result is set)."""
+        by_group = {}
+        for run in runs:
+            by_group.setdefault(id(run.slot.group), []).append(run)
+        finished = []
+        for group_runs in by_group.values():
+            group = group_runs[0].slot.group
+            singles = [r for r in group_runs if len(r.slot.pending) == 1]
+            for run in group_runs:
+                if len(run.slot.pending) > 1:
+                    self._prefill(group, run)
+                    run.t_prompt = time.perf_counter()
+                    if self._sample(run, -1):
+                        finished.append(run)
+            if singles:
+                self._decode_batch(group, [(r.slot.seq, r.slot.n_past, r.slot.pending[0])
+                                           for r in singles])
+                for i, run in enumerate(singles):
+                    run.slot.n_past += 1
+                    if run.t_prompt is None:
+                        run.t_prompt = time.perf_counter()
+                    if self._sample(run, i):
+                        finished.append(run)
+        return finished
+
+    def _prefill(self, group, run):
+        slot = run.slot
+        feed, slot.pending = slot.pending, []
+        step = min(slot.spec.n_batch, slot.n_ctx)
+        for i in range(0, len(feed), step):
+            chunk = feed[i:i + step]
+            last = i + step >= len(feed)
+            self._decode_batch(group, [(slot.seq, slot.n_past + j, t)
+                                       for j, t in enumerate(chunk)], all_logits=False,
+                               last_logits=last)
+            slot.n_past += len(chunk)
+
+    def _decode_batch(self, group, items, all_logits=True, last_logits=True):
+        """llama_decode one batch of (seq, pos, token); logits for each (or the last) row."""
+        n = len(items)
+        if n > self._batch_size:
+            if self._batch is not None:
+                llama_cpp.llama_batch_free(self._batch)
+            self._batch_size = max(n, 512)
+            self._batch = llama_cpp.llama_batch_init(self._batch_size, 0, 1)
+        b = self._batch
+        for i, (seq, pos, tok) in enumerate(items):
+            b.token[i], b.pos[i], b.n_seq_id[i] = tok, pos, 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = all_logits or (last_logits and i == n - 1)
+        b.n_tokens = n
+        rc = llama_cpp.llama_decode(group.ctx, b)
+        if rc != 0:
+            raise LmxError(Code.INTERNAL, f"llama_decode failed with {rc}")
+
+    def _sample(self, run, index):
+        """Greedy pick from the batch row `index`; the token stays pending. True if done."""
+        slot = run.slot
+        ptr = llama_cpp.llama_get_logits_ith(slot.group.ctx, index)
+        tok = int(np.argmax(np.ctypeslib.as_array(ptr, shape=(slot.model.n_vocab,))))
+        slot.pending = [tok]
+        if llama_cpp.llama_vocab_is_eog(slot.model.vocab, tok):
+            run.eos = True      # the end-of-turn token is not part of the reply
+        else:
+            run.out.append(tok)
+            run.emit(len(run.out) - 1, tok)
+            if len(run.out) < run.n_predict:
+                run.stopped_by = run.should_stop() if run.should_stop else None
+                if run.stopped_by is None:
+                    return False
+        self._finish(run)
+        return True
+
+    def _finish(self, run):
+        slot, t_end = run.slot, time.perf_counter()
         slot.decodes += 1
-        slot.generated += len(out)
-        text = b"".join(model.piece(t) for t in out)
-        return {"prompt_tokens": len(prompt_tokens), "generated_tokens": len(out),
-                "stopped_on_eos": eos, "elapsed_ms": round((t_end - t0) * 1000, 2),
-                "swap_ms": round((t_swap - t0) * 1000, 2),
-                "prompt_ms": round((t_prompt - t_swap) * 1000, 2),
-                "gen_ms": round((t_end - t_prompt) * 1000, 2),
-                "kv_swap_evicted": evicted, "kv_swap_restored": restored,
-                "stopped_by": stopped_by,
-                "ttft_ms": round((first[0] - t0) * 1000, 2) if first else None,
-                "n_past": slot.n_past + len(slot.pending),
-                "text": text.decode("utf-8", "replace"), "tokens": out,
-                "context_measured": slot.measured if built else None}
-
-    def _generate(self, slot, n_predict, emit, should_stop):
-        """Sample greedily; the last sampled token stays pending until the next turn.
-
-        Yields between tokens while the newest token is still pending, so that whatever ran
-        meanwhile (even a park and restore, which keeps no logits) leaves nothing to redo.
-        Returns (tokens, stopped on end-of-generation, early-stop reason or None)."""
-        vocab, n_vocab = slot.model.vocab, slot.model.n_vocab
-        out = []
-        while True:
-            tok = self._argmax(n_vocab)
-            slot.pending = [tok]
-            if llama_cpp.llama_vocab_is_eog(vocab, tok):
-                return out, True, None  # the end-of-turn token is not part of the reply
-            out.append(tok)
-            emit(len(out) - 1, tok)
-            if len(out) >= n_predict:
-                return out, False, None
-            reason = should_stop() if should_stop else None
-            if reason:
-                return out, False, reason
-            yield
-            self._activate(slot)        # another agent may have run in between
-            slot.pending = []
-            self._eval([tok])
+        slot.generated += len(run.out)
+        first = run.emit.first
+        t_prompt = run.t_prompt or t_end
+        text = b"".join(slot.model.piece(t) for t in run.out)
+        run.result = {
+            "prompt_tokens": len(run.prompt_tokens), "generated_tokens": len(run.out),
+            "stopped_on_eos": run.eos, "elapsed_ms": round((t_end - run.t0) * 1000, 2),
+            "swap_ms": round((run.t_live - run.t0) * 1000, 2),
+            "prompt_ms": round((t_prompt - run.t_live) * 1000, 2),
+            "gen_ms": round((t_end - t_prompt) * 1000, 2),
+            "kv_swap_evicted": None, "kv_swap_restored": run.restored,
+            "stopped_by": run.stopped_by, "batch": len(slot.group.members),
+            "ttft_ms": round((first[0] - run.t0) * 1000, 2) if first else None,
+            "n_past": slot.n_past + len(slot.pending),
+            "text": text.decode("utf-8", "replace"), "tokens": run.out,
+            "context_measured": slot.group.measured if run.built else None}
 
     # -- reporting ----------------------------------------------------------------------
 
     def summary(self):
-        """What STATUS shows of this worker: models with refs, agents, the live one."""
+        """What STATUS and LIST show of this worker: models, agents, groups."""
         known = sum(device_bytes(m.buffers, self.gpu) for m in self.models.values())
-        live = ([self.live] if self.live is not None else []) + [s for s, _ in
-                                                                 self.standby.values()]
-        known += sum(s.measured["device_bytes"] for s in live if s.measured)
-        return {"live_agent": self.live.agent if self.live else None,
-                "live_agents": [s.agent for s in live],
+        known += sum(g.measured["device_bytes"] for g in self.groups if g.measured)
+        live = [s.agent for g in self.groups for s in g.members]
+        return {"live_agent": live[0] if len(live) == 1 else None,
+                "live_agents": live, "groups": [len(g.members) for g in self.groups],
                 "known_device_bytes": known, "process_bytes": self.process_bytes(),
+                "parked_ram_bytes": self.parked_ram, "park_ram_budget": self.park_ram,
                 "models": {p: {"refs": m.refs, "buffers": m.buffers}
                            for p, m in self.models.items()},
                 "slots": {a: {"model": s.model.path, "n_ctx": s.n_ctx, "n_past": s.n_past,
-                              "measured_bytes": s.measured and s.measured["device_bytes"],
+                              "live": s.group is not None, "parked": self._where(s),
                               "parked_bytes": s.parked_bytes,
-                              "live": s is self.live or a in self.standby,
-                              "parked_on_disk": bool(s.parked and self.park_dir),
                               "parked_pinned": bool(s.parked and s.parked.pinned),
-                              "decodes": s.decodes, "generated": s.generated}
+                              "batch": len(s.group.members) if s.group else 0,
+                              "parks": s.parks, "decodes": s.decodes,
+                              "generated": s.generated}
                           for a, s in self.slots.items()}}
 
     def close(self):
         """Free every context, parked buffer and model."""
-        self._free_ctx()
-        for _, ctx in self.standby.values():
-            llama_cpp.llama_free(ctx)
-        self.standby.clear()
+        for group in list(self.groups):
+            if group.ctx is not None:
+                llama_cpp.llama_free(group.ctx)
+            for slot in group.members:
+                slot.group = slot.seq = None
+        self.groups.clear()
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch, self._batch_size = None, 0
         for slot in list(self.slots.values()):
             self._drop_parked(slot)
         for model in list(self.models.values()):

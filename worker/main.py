@@ -137,22 +137,29 @@ def warm_cuda():
 @click.option("--simulate-others", type=click.Path(dir_okay=False), default=None,
               help="CPU only: the bytes other processes hold, read from this file at every "
               "reading (stands in for NVML where there is no GPU).")
-@click.option("--max-live-contexts", default=1, show_default=True, type=click.IntRange(1, 256),
-              help="Agents' contexts kept live at once; past it the least recently used is "
-              "parked. Every registered agent's context is booked, so any value fits the ledger.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 64),
+              help="Agents of one model and context spec live in one context and decoded in "
+              "one llama_decode batch.")
+@click.option("--park-ram", default=None, help="Host memory for parked KV state (e.g. 4GiB); "
+              "past it, parked state goes to files in --park-dir [default: no limit].")
 @click.option("--quantum", default=4, show_default=True, type=click.IntRange(1, 4096),
-              help="Tokens an agent's DECODE runs per turn before the next agent's turn.")
+              help="Batched steps a group runs per turn before the next group's turn.")
 @click.option("--park-dir", type=click.Path(file_okay=False), default=None,
-              help="Also write parked KV state here, so a restart can resume conversations.")
+              help="Parked state past --park-ram, and a copy of every parked state so a "
+              "restart can resume conversations.")
 @click.option("--log-level", default="INFO", show_default=True)
 def main(broker, vram_total, gpu_index, force_cpu, threads, heartbeat, liveness,
-         simulate_others, max_live_contexts, quantum, park_dir, log_level):
+         simulate_others, max_batch, park_ram, quantum, park_dir, log_level):
     """Run one lmx worker: the llama.cpp backend for one GPU (or the CPU)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     try:
         declared = parse_size(vram_total) if vram_total else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--vram-total")
+    try:
+        park_ram = parse_size(park_ram) if park_ram else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--park-ram")
     gpu = llama_cpp.llama_supports_gpu_offload() and not force_cpu
     device = open_device(gpu, gpu_index, declared, DEFAULT_VRAM_TOTAL, simulate_others)
     n_threads = threads or default_threads()
@@ -161,7 +168,7 @@ def main(broker, vram_total, gpu_index, force_cpu, threads, heartbeat, liveness,
         warm_cuda()
     engine = Engine(n_threads, gpu=device.kind == "cuda", pinned=device.kind == "cuda",
                     process_bytes=lambda: device.read()["process_bytes"], park_dir=park_dir,
-                    max_live=max_live_contexts)
+                    park_ram=park_ram, max_batch=max_batch)
     worker = Worker(broker, device, engine, heartbeat, liveness, quantum)
     # Signal handlers do no work: they ask the loop to stop.
     signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "stop", True))

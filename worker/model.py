@@ -97,7 +97,23 @@ class Slot:
         self.measured = None     # device bytes of its context, once one was built
         self.n_past = 0          # tokens already in the KV cache
         self.pending = []        # sampled but not yet evaluated (the last token of a reply)
-        self.parked = None       # HostBuffer with llama_state_get_data output
+        self.group = None        # the Group it is live in, and its sequence id there
+        self.seq = None
+        self.parked = None       # HostBuffer with llama_state_seq_get_data output
         self.parked_bytes = 0
+        self.on_disk = False     # parked state only in a file (past the host-memory budget)
+        self.parks = 0
         self.decodes = 0
         self.generated = 0
+
+
+class Group:
+    """One llama_context shared by agents of one model and spec, a sequence each."""
+
+    def __init__(self, model, spec):
+        self.model, self.spec = model, spec
+        self.ctx = None
+        self.members = []        # slots; a member's sequence id is its index
+        self.buffers = {}
+        self.measured = None
+        self.builds = 0

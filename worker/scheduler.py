@@ -1,11 +1,13 @@
-"""The worker's compute loop: many agents' requests advanced in turns, a few tokens each.
+"""The worker's compute loop: every runnable agent advanced together, a token per step.
 
-Each agent has a FIFO of its DECODEs and its UNREGISTER, so its own requests keep their order;
-agents take turns round-robin, each running up to `quantum` tokens of its current DECODE per
-turn, so no agent starves and a short request is not stuck behind a long one. REGISTER runs as
-soon as it arrives. A DECODE cancelled or past its deadline before it starts is answered
-without running; once running it stops at its next token (engine.decode_steps' should_stop).
-Deadlines count from the moment the worker received the job.
+Each agent has a FIFO of its DECODEs and its UNREGISTER, so its own requests keep their order.
+Every agent with a running DECODE is live in a group (engine.py); each step evaluates one token
+of every running agent of a group in one llama_decode, so agents on one model are batched and
+none starves; groups (different models or specs) take turns of `quantum` steps, and new jobs
+are taken between turns, so a short request is not stuck behind a long one. REGISTER and PARK
+run as soon as they arrive (the broker sends PARK only for an agent with no work in flight).
+A DECODE cancelled or past its deadline before it starts is answered without running; once
+running it stops at its next token. Deadlines count from the moment the worker received the job.
 """
 import collections
 import logging
@@ -26,7 +28,7 @@ class Scheduler:
         self.engine, self.sock, self.cancelled = engine, sock, cancelled
         self.quantum = max(1, quantum)
         self.waiting = collections.OrderedDict()   # agent -> deque of messages
-        self.running = {}                           # agent -> (message, decode_steps generator)
+        self.running = {}                           # agent -> (message, engine Run)
 
     def run(self, jobs):
         """Until a None arrives on jobs: take jobs, then give every agent with work a turn."""
@@ -44,23 +46,59 @@ class Scheduler:
             self._round()
 
     def _take(self, msg):
+        f = msg.fields
         if msg.verb == "REGISTER":
-            f = msg.fields
             self._finish(msg, lambda: self.engine.register(
                 f["agent"], f["path"], ContextSpec(**f["spec"]), resume=bool(f.get("resume"))))
+        elif msg.verb == "PARK":
+            if f["agent"] in self.running or self.waiting.get(f["agent"]):
+                self._send_result(msg, LmxError(Code.BUSY, f"agent {f['agent']!r} has work "
+                                                "in flight; not parked").fields())
+            else:
+                self._finish(msg, lambda: self.engine.park(f["agent"]))
         elif msg.verb in ("DECODE", "UNREGISTER"):
-            self.waiting.setdefault(msg.fields["agent"], collections.deque()).append(msg)
+            self.waiting.setdefault(f["agent"], collections.deque()).append(msg)
         else:
             self._send_result(msg, LmxError(Code.UNKNOWN_VERB,
                                             f"worker cannot run {msg.verb}").fields())
 
     def _round(self):
-        """One turn for every agent that has a running or waiting request."""
+        """Start what can start, make the running agents live, then give each group a turn."""
         for agent in list(self.waiting):
-            if agent not in self.running and not self._start_next(agent):
-                continue
-            msg, steps = self.running[agent]
-            self._advance(agent, msg, steps)
+            if agent not in self.running:
+                self._start_next(agent)
+        fresh = [run for _, run in self.running.values() if run.t_live is None]
+        if fresh:
+            try:
+                self.engine.prepare(fresh)
+            except LmxError as err:
+                for run in fresh:       # a context could not be built: fail those that wait
+                    if run.slot.group is None:
+                        self._end(run, err.fields())
+        groups = {}
+        for _, run in self.running.values():
+            if run.slot.group is not None:
+                groups.setdefault(id(run.slot.group), []).append(run)
+        for runs in groups.values():
+            for _ in range(self.quantum):
+                try:
+                    finished = self.engine.step(runs)
+                except LmxError as err:
+                    finished = runs
+                    for run in runs:
+                        run.result = err.fields()
+                except Exception as exc:  # a bug must not kill the worker: report it
+                    log.exception("worker: DECODE failed")
+                    finished = runs
+                    for run in runs:
+                        run.result = LmxError(Code.INTERNAL,
+                                              f"worker error in DECODE: {exc}").fields()
+                for run in finished:
+                    self._end(run, run.result if "code" in run.result else dict(
+                        run.result, status="ok"))
+                runs = [r for r in runs if r.result is None]
+                if not runs:
+                    break
 
     def _start_next(self, agent):
         """Pop the agent's next message; start a DECODE (True) or finish anything else."""
@@ -79,27 +117,20 @@ class Scheduler:
                 continue
             f = msg.fields
             stream = self._stream(msg) if f.get("stream") else None
-            self.running[agent] = (msg, self.engine.decode_steps(
-                agent, f["prompt"], f["n_predict"], f.get("max_prompt_tokens"),
-                on_token=stream, should_stop=self._should_stop(msg)))
+            try:
+                run = self.engine.start(agent, f["prompt"], f["n_predict"],
+                                        f.get("max_prompt_tokens"), on_token=stream,
+                                        should_stop=self._should_stop(msg))
+            except LmxError as err:
+                self._send_result(msg, err.fields())
+                continue
+            self.running[agent] = (msg, run)
             return True
         del self.waiting[agent]
         return False
 
-    def _advance(self, agent, msg, steps):
-        """Run up to `quantum` tokens of the agent's DECODE; send its result when done."""
-        try:
-            for _ in range(self.quantum):
-                next(steps)
-            return
-        except StopIteration as done:
-            out = dict(done.value, status="ok")
-        except LmxError as err:
-            out = err.fields()
-        except Exception as exc:  # a bug must not kill the worker: report it
-            log.exception("worker: DECODE failed")
-            out = LmxError(Code.INTERNAL, f"worker error in DECODE: {exc}").fields()
-        del self.running[agent]
+    def _end(self, run, out):
+        msg, _ = self.running.pop(run.agent)
         self._send_result(msg, out)
 
     def _finish(self, msg, call):
