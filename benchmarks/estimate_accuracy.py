@@ -41,9 +41,7 @@ def measure(engine, path, specs, cuda):
         for spec in specs:
             slot = engine.slots["m"]
             slot.spec, slot.n_ctx = spec, spec.n_ctx
-            engine._new_ctx(slot)
-            yield spec, model, slot.measured
-            engine._free_ctx()
+            yield spec, model, engine.measure("m")
     finally:
         engine.unregister("m")
 

@@ -112,23 +112,25 @@ def round_trips(endpoint, concurrency, total):
 
 
 def park_restore(model, tokens, gpu, threads, repeats=3):
-    """llama_state_get/set_data into the worker's host buffer vs the copy bandwidth."""
+    """llama_state_seq_get/set_data (what the engine parks with) into the worker's host buffer
+    vs the copy bandwidth."""
     from lmx.common.ctxspec import ContextSpec
     from lmx.worker.device import HostBuffer
     from lmx.worker.engine import Engine
     eng = Engine(threads, gpu=gpu, pinned=gpu)
     eng.register("s", model, ContextSpec(n_ctx=tokens + 256, n_gpu_layers=-1 if gpu else 0))
     eng.decode("s", "hello " * tokens, 1)
-    ctx, n_past = eng.ctx, eng.slots["s"].n_past
-    size = llama_cpp.llama_state_get_size(ctx)
+    slot = eng.slots["s"]
+    ctx, seq, n_past = slot.group.ctx, slot.seq, slot.n_past
+    size = llama_cpp.llama_state_seq_get_size(ctx, seq)
     buf = HostBuffer(size, gpu)
     save, restore = [], []
     for _ in range(repeats):
         t = time.perf_counter()
-        llama_cpp.llama_state_get_data(ctx, buf.data, size)
+        llama_cpp.llama_state_seq_get_data(ctx, buf.data, size, seq)
         save.append(time.perf_counter() - t)
         t = time.perf_counter()
-        llama_cpp.llama_state_set_data(ctx, buf.data, size)
+        llama_cpp.llama_state_seq_set_data(ctx, buf.data, size, seq)
         restore.append(time.perf_counter() - t)
     ref = copy_bandwidth(buf, size, gpu, repeats)
     out = {"state_bytes": size, "tokens": n_past, "pinned": buf.pinned,

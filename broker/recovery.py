@@ -66,6 +66,9 @@ class RecoveryMixin:
                 if result.get("status") == "ok":
                     rec.state = "ready"
                     rec.context_reset = not result.get("resumed")
+                    if result.get("resumed") and rec.live:   # its state is on disk: parked
+                        self.ledger.release(f"agent:{rec.agent}")
+                        rec.live, rec.parked = False, "disk"
                     log.info("recovery: agent=%s %s", rec.agent, "resumed from disk"
                              if result.get("resumed") else "rebuilt; its context was reset")
                 else:

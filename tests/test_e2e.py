@@ -25,9 +25,11 @@ def snapshot(broker):
     return status, agents
 
 
-def test_the_walk(shared_broker):
-    """Cold start, gemma evicts smol, smol is restored and continues its own conversation."""
-    with shared_broker.client() as c:
+def test_the_walk(broker_factory, table):
+    """Cold start, gemma evicts smol, smol is restored and continues its own conversation
+    (one live context at a time, as the README walk runs it)."""
+    broker = broker_factory("--vram-table", str(table), "--max-live-contexts", "1")
+    with broker.client() as c:
         c.register("smol", "smol")
         c.register("gemma", "gemma")
         first = c.decode("smol", "Hello, my name is", 24)
@@ -60,8 +62,14 @@ def test_the_walk(shared_broker):
         assert status["worker_state"] == "ready" and status["worker_pid"] > 0
         listed = {a["agent"]: a for a in c.request("LIST")["agents"]}
         assert listed["smol"]["decodes"] == 2 and listed["gemma"]["parked_bytes"] > 0
-        for agent in ("smol", "gemma", "smol-ref", "smol-fresh"):
-            assert c.unregister(agent)["released_bytes"] > 0
+        assert listed["gemma"]["residence"] == "parked_ram" and not listed["gemma"]["live"]
+        assert [a for a, v in listed.items() if v["live"]] == ["smol-fresh"]
+        assert set(status["bookings"]) - {"worker:overhead"} == {"agent:smol-fresh"} | {
+            f"model:{m['path']}" for m in status["models"]}
+        released = {a: c.unregister(a)["released_bytes"] for a in (
+            "smol", "gemma", "smol-ref", "smol-fresh")}
+        assert released["smol"] == 0 and released["smol-ref"] == 0     # parked: nothing booked
+        assert released["gemma"] > 0 and released["smol-fresh"] > 0     # the models' weights
         status = c.request("STATUS")
         assert status["ledger_allocated_bytes"] == 0 and status["models"] == []
 

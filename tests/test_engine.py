@@ -139,3 +139,25 @@ def test_park_past_the_budget_without_a_state_dir_is_refused(smol_path):
         assert eng.decode("a", "again", 4)["generated_tokens"] >= 1
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("which", ["smol", "gemma"])
+def test_a_group_needs_no_more_than_its_members_alone(which, smol_path, gemma_path):
+    """What the broker books for k batched agents (k single contexts) covers their shared
+    context: KV equal, one compute buffer instead of k."""
+    from lmx.worker.engine import Engine
+    path = smol_path if which == "smol" else gemma_path
+    eng = Engine(2, gpu=False, pinned=False)
+    try:
+        for i in range(4):
+            eng.register(f"a{i}", path, ContextSpec(n_ctx=1024))
+        single = eng.measure("a0")["device_bytes"]
+        _run_together(eng, [f"a{i}" for i in range(4)], PROMPTS, 2)
+        group = eng.groups[0]
+        assert len(group.members) == 4
+        shared = group.measured["device_bytes"]
+        kv = sum(v for k, v in group.buffers.items() if k.endswith("KV"))
+        assert kv > 0 and shared <= 4 * single, (shared, single)
+        assert shared > single
+    finally:
+        eng.close()

@@ -59,9 +59,7 @@ def check_model(engine, path):
         weights = _parts(slot.model.buffers, "model")
         for spec in cells:
             slot.spec, slot.n_ctx = spec, spec.n_ctx
-            engine._new_ctx(slot)
-            bufs = dict(slot.ctx_buffers)
-            engine._free_ctx()
+            bufs = engine.measure("e")["buffers"]
             est = estimate(shape, spec, "cpu")
             kv, compute = _parts(bufs, "KV"), _parts(bufs, "compute")
             if abs(est.weights_device - weights) > LOG_ROUNDING:
@@ -122,10 +120,7 @@ def test_several_sequences_use_per_stream_caches(engine, smol_path, gemma_path, 
         spec = ContextSpec(n_ctx=4096, n_seq=n_seq, n_outputs_max=n_seq)
         engine.register("s", path, spec)
         try:
-            slot = engine.slots["s"]
-            engine._new_ctx(slot)
-            bufs = dict(slot.ctx_buffers)
-            engine._free_ctx()
+            bufs = engine.measure("s")["buffers"]
         finally:
             engine.unregister("s")
         est = estimate(shape, spec, "cpu")

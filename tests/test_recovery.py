@@ -25,7 +25,7 @@ def reference(c, prompts, n):
 
 
 def test_parked_state_on_disk_survives_a_worker_kill(broker_factory, table):
-    broker = broker_factory("--vram-table", str(table))
+    broker = broker_factory("--vram-table", str(table), "--max-live-contexts", "1")
     with broker.client() as c:
         c.register("parked", "smol")
         c.register("live", "gemma")
@@ -48,7 +48,7 @@ def test_parked_state_on_disk_survives_a_worker_kill(broker_factory, table):
 
 def test_registrations_survive_a_broker_kill(tmp_path, table):
     state = tmp_path / "state"
-    args = ["--vram-table", str(table), "--state-dir", str(state)]
+    args = ["--vram-table", str(table), "--state-dir", str(state), "--max-live-contexts", "1"]
     b1 = BrokerProc(tmp_path, args, name="one")
     with b1.client() as c:
         c.register("a", "smol")

@@ -484,6 +484,19 @@ class Engine:
             "text": text.decode("utf-8", "replace"), "tokens": run.out,
             "context_measured": slot.group.measured if run.built else None}
 
+    def measure(self, agent):
+        """Build a parked agent's context alone, free it, and return what it measured:
+        device_bytes, nvml_delta and llama.cpp's buffer report (the estimator's tools)."""
+        slot = self._slot(agent)
+        if slot.group is not None:
+            raise LmxError(Code.BAD_REQUEST, f"agent {agent!r} is live")
+        group = Group(slot.model, slot.spec)
+        self.groups.append(group)
+        self._rebuild(group, [slot])
+        measured = group.measured
+        self._rebuild(group, [])
+        return measured
+
     # -- reporting ----------------------------------------------------------------------
 
     def summary(self):
