@@ -1,4 +1,4 @@
-"""Agents in parallel: turns of a few tokens each, so every agent makes progress at once."""
+"""Agents in parallel: batched steps of a token each, so every agent makes progress at once."""
 import threading
 import time
 
@@ -11,7 +11,7 @@ from lmx.common.client import Client
 def parallel_broker(tmp_path_factory, table):
     from conftest import BrokerProc
     b = BrokerProc(tmp_path_factory.mktemp("parallel"),
-                   ["--vram-table", str(table), "--max-live-contexts", "4", "--quantum", "2"])
+                   ["--vram-table", str(table), "--quantum", "2"])
     yield b
     b.stop()
 
@@ -43,6 +43,7 @@ def test_four_agents_stream_concurrently(parallel_broker):
     assert not errors and len(finals) == 4
     assert max(firsts.values()) < min(t for t, _ in finals.values())
     assert all(r["generated_tokens"] >= 1 for _, r in finals.values())
+    assert max(r["batch"] for _, r in finals.values()) == 4     # decoded in one batch
     # Every conversation equals the same prompt run alone.
     with parallel_broker.client() as c:
         for a in agents:

@@ -1,0 +1,98 @@
+"""The ledger books live contexts only: parked agents release theirs, a small host budget
+spills parked state to disk, and every parked conversation continues exactly."""
+import pytest
+
+from lmx.broker.estimate import estimate
+from lmx.common.config import load_model_table
+from lmx.common.ctxspec import ContextSpec
+from lmx.common.errors import Code, LmxError
+from conftest import wait_until
+
+N_CTX = 512
+
+
+@pytest.fixture(scope="module")
+def room_for_two(tmp_path_factory, table):
+    """A broker whose device holds SmolLM2's weights and two of its contexts, not three."""
+    from conftest import BrokerProc
+    context = estimate("smol", ContextSpec(n_ctx=N_CTX, n_gpu_layers=0),
+                       load_model_table(table)).context
+    total = (256 << 20) + int(2.6 * context)
+    b = BrokerProc(tmp_path_factory.mktemp("parking"), [
+        "--vram-table", str(table), "--vram-total", str(total), "--admission-percent", "100",
+        "--admit-by-parking", "--park-ram", "600KiB", "--default-n-ctx", str(N_CTX)])
+    yield b
+    b.stop()
+
+
+def views(c):
+    return {a["agent"]: a for a in c.list_agents()}
+
+
+def test_parked_agents_release_their_bytes_and_continue_exactly(room_for_two):
+    prompts = {"a": "Hello, my name is", "b": "The capital of France is",
+               "c": "Once upon a time", "d": "def fib(n):"}
+    first, second = {}, {}
+    with room_for_two.client() as c:
+        for agent in ("a", "b"):
+            c.register(agent, "smol")
+            first[agent] = c.decode(agent, prompts[agent], 12)
+        c.register("c", "smol")                      # no room: parks a (least recently used)
+        listed = views(c)
+        assert listed["a"]["residence"] == "parked_ram" and listed["a"]["booked_now_bytes"] == 0
+        first["c"] = c.decode("c", prompts["c"], 12)
+        c.register("d", "smol")                      # parks b: past the 600 KiB host budget
+        first["d"] = c.decode("d", prompts["d"], 12)
+        listed = views(c)
+        assert listed["b"]["residence"] == "parked_disk" and listed["b"]["parked_bytes"] > 0
+        assert sorted(a for a, v in listed.items() if v["live"]) == ["c", "d"]
+        status = c.request("STATUS")
+        assert sorted(k for k in status["bookings"] if k.startswith("agent:")) == [
+            "agent:c", "agent:d"]
+        assert status["agent_states"]["b"]["residence"] == "parked_disk"
+        assert status["ledger_allocated_bytes"] <= status["ledger_max_bytes"]
+        for agent in ("a", "b", "c", "d"):           # each parks the least recently used
+            second[agent] = c.decode(agent, " and then", 12)
+            assert second[agent]["kv_swap_restored"] is True   # and brings its own state back
+            assert c.request("STATUS")["ledger_allocated_bytes"] <= status["ledger_max_bytes"]
+        assert views(c)["a"]["generated_tokens"] == 24
+        for agent, prompt in prompts.items():        # the same conversations, uninterrupted
+            c.register("ref", "smol")
+            assert c.decode("ref", prompt, 12)["tokens"] == first[agent]["tokens"]
+            assert c.decode("ref", " and then", 12)["tokens"] == second[agent]["tokens"]
+            c.unregister("ref")
+        for agent in prompts:
+            c.unregister(agent)
+        assert c.request("STATUS")["ledger_allocated_bytes"] == 0
+
+
+def test_a_parked_agent_waits_for_a_busy_one_and_can_be_cancelled(room_for_two):
+    with room_for_two.client() as c:
+        for agent in ("x", "y", "z"):
+            c.register(agent, "smol")
+            c.decode(agent, "Hi", 2)                 # z's REGISTER parked x
+        assert views(c)["x"]["residence"] == "parked_ram"
+        long_y = c.send("DECODE", agent="y", prompt="Count: one two", n_predict=300)
+        long_z = c.send("DECODE", agent="z", prompt="List: apples", n_predict=300)
+        wait_until(lambda: views(c)["z"]["queue_depth"] == 1, what="z running")
+        gone = c.send("DECODE", agent="x", prompt="First", n_predict=4)   # nobody idle: waits
+        queued = c.send("DECODE", agent="x", prompt="Second", n_predict=4)
+        wait_until(lambda: c.request("STATUS")["waiting_for_room"] == 2, what="2 waiting")
+        assert views(c)["x"]["queue_depth"] == 2
+        assert c.cancel("x", gone)["cancelled"] == "queued"
+        with pytest.raises(LmxError) as info:
+            _final(c, gone)
+        assert info.value.code == Code.CANCELLED
+        later = _final(c, queued)                   # runs once y or z is idle again
+        assert later["generated_tokens"] >= 1 and later["kv_swap_restored"] is True
+        for req in (long_y, long_z):
+            assert _final(c, req)["generated_tokens"] > 4
+        for agent in ("x", "y", "z"):
+            c.unregister(agent)
+
+
+def _final(c, req):
+    reply = list(c.replies(req))[-1]
+    if reply["status"] == "error":
+        raise LmxError(reply["code"], reply["message"])
+    return reply
