@@ -75,7 +75,10 @@ def test_soak_short(tiny, tmp_path):
 
 def test_parallel_tiny(tiny, tmp_path):
     text = run("parallel.py", "--cpu", "--model", tiny[0], "--n", "1", "--n", "2",
-               "--n-predict", "8", "--out", str(tmp_path))
-    rows = json.loads((tmp_path / "parallel.json").read_text())["rows"]
+               "--n-predict", "8", "--check", "2", "--out", str(tmp_path))
+    got = json.loads((tmp_path / "parallel.json").read_text())
+    rows = got["rows"]
     assert [r["n"] for r in rows] == [1, 2] and all(r["tokens"] >= r["n"] for r in rows)
-    assert "| 2 |" in text
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert got["batched_equals_alone"] == 2          # CPU: batched greedy equals alone
+    assert "| 2 |" in text and "batched vs alone: 2 of 2" in text

@@ -408,11 +408,16 @@ class Engine:
             if singles:
                 self._decode_batch(group, [(r.slot.seq, r.slot.n_past, r.slot.pending[0])
                                            for r in singles])
-                for i, run in enumerate(singles):
+                # every row's logits in one array, one argmax (llama_get_logits keeps batch order)
+                n_vocab = group.model.n_vocab
+                rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(group.ctx),
+                                             shape=(len(singles), n_vocab))
+                picks = rows.argmax(axis=1).tolist()
+                for run, tok in zip(singles, picks):
                     run.slot.n_past += 1
                     if run.t_prompt is None:
                         run.t_prompt = time.perf_counter()
-                    if self._sample(run, i):
+                    if self._take(run, tok):
                         finished.append(run)
         return finished
 
@@ -447,10 +452,15 @@ class Engine:
             raise LmxError(Code.INTERNAL, f"llama_decode failed with {rc}")
 
     def _sample(self, run, index):
-        """Greedy pick from the batch row `index`; the token stays pending. True if done."""
+        """Greedy pick from the batch row `index`; see _take. True if done."""
         slot = run.slot
         ptr = llama_cpp.llama_get_logits_ith(slot.group.ctx, index)
-        tok = int(np.argmax(np.ctypeslib.as_array(ptr, shape=(slot.model.n_vocab,))))
+        return self._take(run, int(np.argmax(np.ctypeslib.as_array(
+            ptr, shape=(slot.model.n_vocab,)))))
+
+    def _take(self, run, tok):
+        """The sampled token stays pending (evaluated by the next step). True if done."""
+        slot = run.slot
         slot.pending = [tok]
         if llama_cpp.llama_vocab_is_eog(slot.model.vocab, tok):
             run.eos = True      # the end-of-turn token is not part of the reply
