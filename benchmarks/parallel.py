@@ -6,8 +6,9 @@
 For each N, N agents (one client thread each) stream a DECODE of --n-predict tokens at the same
 time; aggregate tok/s = all tokens / wall time of the round, and the ratio to N = 1 is printed
 with p50/p95 time to first token, the largest batch the worker reported, and whether the ratio
-meets 0.7 x N. Agents of one model are decoded in one llama_decode batch (worker/engine.py); a
-round's wall time includes the group's rebuilds as agents join it. Then --check agents decode
+meets 0.7 x N. Agents of one model are decoded in one llama_decode batch (worker/engine.py).
+Before each timed round the N agents run a 4-token warm-up round, in which the new ones join
+the group (a rebuild of its context each); its wall time is recorded as warmup_round_ms. Then --check agents decode
 the same prompt batched and one at a time, and the script counts equal greedy continuations.
 """
 import os
@@ -21,7 +22,7 @@ import benchlib
 from lmx.common.client import Client
 
 
-def round_of(endpoint, agents, n_predict, finals=None):
+def round_of(endpoint, agents, n_predict, finals=None, stream=True):
     """All agents stream at once; return (tokens, seconds, first-token latencies, batch)."""
     ttft, tokens, errors, batch = [], [], [], []
     finals = {} if finals is None else finals
@@ -30,6 +31,13 @@ def round_of(endpoint, agents, n_predict, finals=None):
         try:
             with Client(endpoint, timeout=600) as c:
                 t0 = time.monotonic()
+                if not stream:    # the worker's own time to first token, one reply
+                    r = c.decode(agent, f"{agent} says: once upon a time", n_predict)
+                    ttft.append(r["ttft_ms"] / 1000)
+                    tokens.append(r["generated_tokens"])
+                    batch.append(r.get("batch", 1))
+                    finals[agent] = r["tokens"]
+                    return
                 for r in c.decode_stream(agent, f"{agent} says: once upon a time", n_predict):
                     if r["status"] == "partial" and r["index"] == 0:
                         ttft.append(time.monotonic() - t0)
@@ -59,9 +67,11 @@ def round_of(endpoint, agents, n_predict, finals=None):
 @click.option("--max-batch", default=8, show_default=True)
 @click.option("--check", default=4, show_default=True, help="Agents for the batched-vs-alone "
               "check (0: skip).")
+@click.option("--stream/--no-stream", default=True, show_default=True,
+              help="Stream every token to the clients, or one reply per DECODE.")
 @click.option("--cpu", is_flag=True)
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False))
-def main(model, ns, n_predict, quantum, max_batch, check, cpu, out_dir):
+def main(model, ns, n_predict, quantum, max_batch, check, stream, cpu, out_dir):
     """Print aggregate tok/s per N, the ratio to N = 1, and TTFT p50/p95."""
     broker, endpoint, status = benchlib.start_broker(
         tempfile.mkdtemp(prefix="lmx-par-"), [model], "--max-batch", str(max_batch),
@@ -73,11 +83,17 @@ def main(model, ns, n_predict, quantum, max_batch, check, cpu, out_dir):
             agents = [f"a{i}" for i in range(max(ns))]
             for a in agents:
                 c.register(a, model, n_ctx=max(1024, 4 * n_predict + 256))
-            round_of(endpoint, agents[:1], 4)                 # warm-up
             for n in ns:
-                tokens, seconds, ttft, batch = round_of(endpoint, agents[:n], n_predict)
+                # Warm-up: the N agents join one group (each join rebuilds the group's context
+                # once); the timed round is then the steady state of N live agents.
+                join_t0 = time.monotonic()
+                round_of(endpoint, agents[:n], 4, stream=stream)
+                join_s = time.monotonic() - join_t0
+                tokens, seconds, ttft, batch = round_of(endpoint, agents[:n], n_predict,
+                                                        stream=stream)
                 rows.append({"n": n, "tokens": tokens, "seconds": round(seconds, 3),
                              "tok_s": tokens / seconds, "batch": batch,
+                             "warmup_round_ms": round(join_s * 1000, 1),
                              "ttft_p50_ms": benchlib.pct(ttft, 50) * 1000,
                              "ttft_p95_ms": benchlib.pct(ttft, 95) * 1000})
             if check:
@@ -95,7 +111,8 @@ def main(model, ns, n_predict, quantum, max_batch, check, cpu, out_dir):
         broker.wait(60)
     base = rows[0]["tok_s"] if rows and rows[0]["n"] == 1 else None
     lines = [f"device: {status.get('device_name')}, model {os.path.basename(model)}, "
-             f"{n_predict} tokens per agent, quantum {quantum}", "",
+             f"{n_predict} tokens per agent, quantum {quantum}, "
+             f"{'streaming' if stream else 'one reply per DECODE'}", "",
              "| N | aggregate tok/s | ratio to N=1 | goal 0.7 x N | met | batch | TTFT p50 ms "
              "| TTFT p95 ms |", "| ---: | ---: | ---: | ---: | :---: | ---: | ---: | ---: |"]
     for r in rows:
