@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""The README walk, end to end, as a transcript: start lmx-broker, drive it with lmx-probe,
-then check that smol's restored continuation equals an uninterrupted run.
+"""The README walk, end to end, as a transcript: start lmx-broker (one live context at a time,
+so every switch parks and restores), drive it with lmx-probe, then check that smol's restored
+continuation equals an uninterrupted run.
 
     bin/walk.py                                   # CPU, the example table's smol and gemma
     bin/walk.py --smol /path/a.gguf --gemma /path/b.gguf -- --vram-total 8GiB
@@ -58,7 +59,8 @@ def main(smol, gemma, table, n_predict, broker_log, broker_args):
     endpoint = f"ipc://{tempfile.mkdtemp(prefix='lmx-walk-')}/lmx.sock"
     dirs = sorted({os.path.dirname(os.path.abspath(m)) for m in (smol, gemma) if os.sep in m})
     cmd = [sys.executable, "-m", "lmx.broker.main", "--endpoint", endpoint,
-           "--vram-table", table, *sum((["--model-dir", d] for d in dirs), []), *broker_args]
+           "--vram-table", table, "--max-live-contexts", "1",     # one live: parking shows
+           *sum((["--model-dir", d] for d in dirs), []), *broker_args]
     click.echo("$ lmx-broker " + " ".join(cmd[3:]) + " &\n")
     proc = subprocess.Popen(cmd, stderr=broker_log or subprocess.DEVNULL)
     try:
