@@ -118,6 +118,7 @@ class LiveSetMixin:
     def _expire_waiting(self, now):
         for entry in [w for w in self.waiting if w.deadline is not None and w.deadline <= now]:
             self.waiting.remove(entry)
+            self._status_cache = None
             entry.fail(LmxError(Code.DEADLINE, "the deadline passed while the request waited "
                                 "for room to make its agent live"))
 
