@@ -83,6 +83,10 @@ def test_a_parked_agent_waits_for_a_busy_one_and_can_be_cancelled(room_for_two):
         with pytest.raises(LmxError) as info:
             _final(c, gone)
         assert info.value.code == Code.CANCELLED
+        late = c.send("DECODE", agent="x", prompt="Late", n_predict=4, deadline_ms=200)
+        with pytest.raises(LmxError) as info:
+            _final(c, late)                          # y and z still run: it never started
+        assert info.value.code == Code.DEADLINE
         later = _final(c, queued)                   # runs once y or z is idle again
         assert later["generated_tokens"] >= 1 and later["kv_swap_restored"] is True
         for req in (long_y, long_z):
