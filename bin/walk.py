@@ -56,10 +56,12 @@ def wait_ready(endpoint, proc):
 @click.argument("broker_args", nargs=-1, type=click.UNPROCESSED)
 def main(smol, gemma, table, n_predict, broker_log, broker_args):
     """Run the walk and print its transcript."""
-    endpoint = f"ipc://{tempfile.mkdtemp(prefix='lmx-walk-')}/lmx.sock"
+    folder = tempfile.mkdtemp(prefix="lmx-walk-")
+    endpoint = f"ipc://{folder}/lmx.sock"
     dirs = sorted({os.path.dirname(os.path.abspath(m)) for m in (smol, gemma) if os.sep in m})
     cmd = [sys.executable, "-m", "lmx.broker.main", "--endpoint", endpoint,
            "--vram-table", table, "--max-live-contexts", "1",     # one live: parking shows
+           "--state-dir", os.path.join(folder, "state"),     # not another broker's journal
            *sum((["--model-dir", d] for d in dirs), []), *broker_args]
     click.echo("$ lmx-broker " + " ".join(cmd[3:]) + " &\n")
     proc = subprocess.Popen(cmd, stderr=broker_log or subprocess.DEVNULL)
