@@ -244,7 +244,9 @@ class AdmissionMixin:
             self.requests.pop(key, None)
             finish(err.fields(), None)
 
-        parked = None if self._has_waiting(rec) else self._ensure_live(rec)
+        # While any DECODE waits for room, later ones queue behind it (first come, first
+        # served): live agents then go idle, so the waiting one cannot starve.
+        parked = None if self.waiting else self._ensure_live(rec)
         if parked is None:
             self.requests[key] = self._wait_for_room(rec, launch, fail, deadline)
         else:

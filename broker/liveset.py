@@ -7,7 +7,8 @@ recently used *idle* live agents (nothing queued or running) are parked, their b
 released, until it fits; the worker runs PARK before any later job, so the bytes are free
 before anything is built in them. With --max-live-contexts N, a DECODE also parks idle agents
 until at most N are live. When no idle agent can make room, the DECODE waits here (in arrival
-order, with its deadline and CANCEL) until a running request finishes.
+order, with its deadline and CANCEL) until a running request finishes; while one waits, every
+later DECODE queues behind it, so busy agents go idle and the waiting one cannot starve.
 """
 import collections
 import logging
@@ -94,9 +95,6 @@ class LiveSetMixin:
         log.info("liveset: DECODE of %s waits for room (%d waiting)", rec.agent,
                  len(self.waiting))
         return entry
-
-    def _has_waiting(self, rec):
-        return any(w.rec is rec for w in self.waiting)
 
     def _retry_waiting(self):
         """Launch waiting DECODEs in arrival order while their agents can be made live."""

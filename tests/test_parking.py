@@ -79,6 +79,9 @@ def test_a_parked_agent_waits_for_a_busy_one_and_can_be_cancelled(room_for_two):
         queued = c.send("DECODE", agent="x", prompt="Second", n_predict=4)
         wait_until(lambda: c.request("STATUS")["waiting_for_room"] == 2, what="2 waiting")
         assert views(c)["x"]["queue_depth"] == 2
+        behind = c.send("DECODE", agent="y", prompt="Also", n_predict=4)   # y is live, yet it
+        wait_until(lambda: c.request("STATUS")["waiting_for_room"] == 3,  # queues behind x
+                   what="y's DECODE behind x's")
         assert c.cancel("x", gone)["cancelled"] == "queued"
         with pytest.raises(LmxError) as info:
             _final(c, gone)
@@ -91,6 +94,7 @@ def test_a_parked_agent_waits_for_a_busy_one_and_can_be_cancelled(room_for_two):
         assert later["generated_tokens"] >= 1 and later["kv_swap_restored"] is True
         for req in (long_y, long_z):
             assert _final(c, req)["generated_tokens"] > 4
+        assert _final(c, behind)["generated_tokens"] >= 1
         for agent in ("x", "y", "z"):
             c.unregister(agent)
 
