@@ -38,7 +38,8 @@ def one_round(eng, agents, n_predict):
 @click.option("--n-predict", default=128, show_default=True)
 @click.option("--cpu", is_flag=True)
 @click.option("--profile", is_flag=True)
-def main(model, ns, n_predict, cpu, profile):
+@click.option("--flash/--no-flash", default=True, show_default=True)
+def main(model, ns, n_predict, cpu, profile, flash):
     """Print aggregate tok/s per N and the ratio to N = 1."""
     gpu = llama_cpp.llama_supports_gpu_offload() and not cpu
     eng = Engine(2 if cpu else (os.cpu_count() or 4), gpu=gpu, pinned=gpu)
@@ -47,7 +48,8 @@ def main(model, ns, n_predict, cpu, profile):
         for n in ns:
             agents = [f"n{n}a{i}" for i in range(n)]
             for a in agents:
-                eng.register(a, model, ContextSpec(n_ctx=1024, n_gpu_layers=-1 if gpu else 0))
+                eng.register(a, model, ContextSpec(n_ctx=1024, flash_attn=flash,
+                                                   n_gpu_layers=-1 if gpu else 0))
             one_round(eng, agents, 4)                     # build the group, warm up
             prof = cProfile.Profile() if profile and n == max(ns) else None
             if prof:
