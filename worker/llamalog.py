@@ -29,10 +29,14 @@ class LlamaLog:
         self._partial += chunk
         while "\n" in self._partial:
             line, self._partial = self._partial.split("\n", 1)
-            self._lines.append((self._level, line))
+            # Keep what buffers() and last_error() read: a context creation logs ~1,000 lines.
+            if self._level >= _ERROR or "buffer size =" in line:
+                self._lines.append((self._level, line))
             # llama.cpp's INFO is chatty (every buffer, every tensor): keep it at DEBUG here.
-            log.log(_LEVELS.get(self._level, logging.DEBUG) if self._level >= 3
-                    else logging.DEBUG, "%s", line)
+            level = _LEVELS.get(self._level, logging.DEBUG) if self._level >= 3 \
+                else logging.DEBUG
+            if log.isEnabledFor(level):
+                log.log(level, "%s", line)
 
     def reset(self):
         """Forget lines seen so far (call before a load or context creation)."""
