@@ -82,3 +82,10 @@ def test_parallel_tiny(tiny, tmp_path):
     assert [r["batch"] for r in rows] == [1, 2]
     assert got["batched_equals_alone"] == 2          # CPU: batched greedy equals alone
     assert "| 2 |" in text and "batched vs alone: 2 of 2" in text
+
+
+def test_park_check_tiny(tiny):
+    out = json.loads(run("park_check.py", "--cpu", "--model", tiny[0], "--agents", "3",
+                         "--first", "8", "--then", "6", "--json"))
+    assert [r["parked"] for r in out["rows"]] == [None, "ram", "disk"]
+    assert out["equal"] == 3 and all(r["restored"] for r in out["rows"][1:])
