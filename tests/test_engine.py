@@ -161,3 +161,43 @@ def test_a_group_needs_no_more_than_its_members_alone(which, smol_path, gemma_pa
         assert shared > single
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("which", ["smol", "gemma"])
+def test_sequences_move_between_groups_of_other_sizes(which, smol_path, gemma_path):
+    """A sequence saved from a group of 3 restores into groups of 2 and 3 (one KV stream per
+    sequence: seqstate re-addresses the state; Gemma has two caches, SmolLM2 one)."""
+    from lmx.worker.engine import Engine
+    path = smol_path if which == "smol" else gemma_path
+    eng = Engine(2, gpu=False, pinned=False)
+    try:
+        for name in ("a0", "a1", "a2", "r0", "r1", "r2"):
+            eng.register(name, path, ContextSpec(n_ctx=512, n_batch=256 if name[0] == "r"
+                                                 else 512))
+        a, r = ["a0", "a1", "a2"], ["r0", "r1", "r2"]
+        first = _run_together(eng, a, PROMPTS[:3], 8)
+        ref1 = _run_together(eng, r, PROMPTS[:3], 8)
+        assert eng.park("a1")["parked"] == "ram"          # a0, a2: carried from 3 streams to 2
+        middle = _run_together(eng, ["a0", "a2"], [" then", " then"], 6)
+        eng.park("a0")                                   # a2 alone: 2 streams to 1
+        assert eng.summary()["groups"].count(1) == 1
+        last = _run_together(eng, a, [" and", " and", " and"], 6)   # 1 -> 3, a0 and a1 back
+        ref_mid = _run_together(eng, ["r0", "r2"], [" then", " then"], 6)
+        ref_last = _run_together(eng, r, [" and", " and", " and"], 6)
+        for x, y in zip(a, r):
+            assert first[x]["tokens"] == ref1[y]["tokens"]
+            assert last[x]["tokens"] == ref_last[y]["tokens"], x
+        assert [middle[x]["tokens"] for x in ("a0", "a2")] == [
+            ref_mid[y]["tokens"] for y in ("r0", "r2")]
+    finally:
+        eng.close()
+
+
+def test_a_foreign_state_is_refused_not_guessed():
+    import ctypes
+    from lmx.worker import seqstate
+    for junk in (b"", b"\x00" * 64, b"\xd8\x3c\x14\xaf" + b"\x00" * 4 + b"\xff" * 40):
+        buf = (ctypes.c_uint8 * (len(junk) + seqstate.SPARE)).from_buffer_copy(
+            junk + bytes(seqstate.SPARE))
+        with pytest.raises(seqstate.StateFormatError):
+            seqstate.restream(ctypes.addressof(buf), len(junk), len(buf), 2)

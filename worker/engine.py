@@ -4,9 +4,11 @@ Agents on the same model with the same context spec are *live* in one llama_cont
 sequence each (a group): every step evaluates one llama_batch that carries the next token of
 each running agent and reads each agent's logits with ``llama_get_logits_ith``. A group's
 context holds exactly its members' sequences (``n_seq_max`` = members, ``n_ctx`` = members x
-the agent's n_ctx, one unified KV stream), so its device bytes never exceed the sum of its
-members' single contexts; when membership changes, the group is rebuilt and every sequence is
-carried over with ``llama_state_seq_get_data`` / ``llama_state_seq_set_data``.
+the agent's n_ctx, one KV stream per sequence, so each agent attends to its own cells laid out
+as if it were alone), so its device bytes never exceed the sum of its members' single
+contexts; when membership changes, the group is rebuilt and every sequence is carried over with
+``llama_state_seq_get_data`` / ``llama_state_seq_set_data`` (seqstate.py re-addresses a state
+for the new number of streams).
 
 An agent leaves its group only when the broker parks it (the broker's ledger decides what is
 live). Its sequence state goes to host memory (pinned on CUDA) within the ``park_ram`` budget,
@@ -24,7 +26,7 @@ import numpy as np
 
 from lmx.common.ctxspec import KV_TYPES
 from lmx.common.errors import Code, LmxError, Reason
-from lmx.worker import parkdisk
+from lmx.worker import parkdisk, seqstate
 from lmx.worker.device import HostBuffer
 from lmx.worker.model import Model, Slot, Emitter, Group, nvml_delta, trim_heap, device_bytes
 from lmx.worker.llamalog import LlamaLog
@@ -177,10 +179,9 @@ class Engine:
         p.n_ubatch = spec.n_ubatch
         p.n_seq_max = spec.n_seq * k
         p.n_outputs_max = max(spec.n_outputs_max, k)
-        # A group shares one KV stream (unified): a sequence's saved state then fits a group
-        # of any size (llama.cpp refuses state across different stream counts). Each agent is
-        # held to its own n_ctx at start(), so k agents never need more than k x n_ctx cells.
-        p.kv_unified = spec.n_seq == 1
+        # One KV stream of n_ctx cells per sequence: each agent attends to its own cells only,
+        # laid out as if it were alone (seqstate.py moves a state between stream counts).
+        p.kv_unified = False
         p.swa_full = spec.swa_full
         p.flash_attn_type = FLASH_ATTN[spec.flash_attn]
         p.type_k = KV_TYPES[spec.type_k][0]
@@ -224,6 +225,7 @@ class Engine:
                            f"sequence(s) of {group.spec.n_ctx} tokens: {why}",
                            Reason.CONTEXT_FAILED)
         group.ctx = ctx
+        group.n_stream = group.spec.n_seq * len(members)
         group.buffers = self.llama_log.buffers()
         group.measured = {"device_bytes": device_bytes(group.buffers, self.gpu),
                           "nvml_delta": nvml_delta(before, self.process_bytes()),
@@ -233,20 +235,34 @@ class Engine:
             slot.group, slot.seq = group, seq
             buf = carry.pop(slot.agent, None)
             if buf is not None:
-                self._seq_load(ctx, seq, buf.data, buf.nbytes, slot)
-                buf.free()
+                try:
+                    self._seq_load(group, seq, ctypes.addressof(buf.data.contents),
+                                   buf.nbytes, buf.capacity, slot)
+                finally:
+                    buf.free()
 
     def _seq_save(self, ctx, seq):
         size = llama_cpp.llama_state_seq_get_size(ctx, seq)
-        buf = HostBuffer(size, self.pinned)
+        buf = HostBuffer(size + seqstate.SPARE, self.pinned)   # room to re-address in place
+        buf.capacity = size + seqstate.SPARE
         buf.nbytes = llama_cpp.llama_state_seq_get_data(ctx, buf.data, size, seq)
         return buf
 
-    def _seq_load(self, ctx, seq, data, nbytes, slot):
-        if llama_cpp.llama_state_seq_set_data(ctx, data, nbytes, seq) == 0:
+    def _seq_load(self, group, seq, address, nbytes, capacity, slot):
+        """Restore a saved sequence state (at address) into the group's sequence seq."""
+        try:
+            address, nbytes, keep = seqstate.restream(address, nbytes, capacity,
+                                                      group.n_stream)
+        except seqstate.StateFormatError as exc:
+            slot.n_past, slot.pending = 0, []
+            raise LmxError(Code.INTERNAL, f"the saved state of {slot.agent!r} cannot be "
+                           f"restored ({exc}); its context was reset") from None
+        data = ctypes.cast(address, ctypes.POINTER(ctypes.c_uint8))
+        if llama_cpp.llama_state_seq_set_data(group.ctx, data, nbytes, seq) == 0:
             slot.n_past, slot.pending = 0, []
             raise LmxError(Code.INTERNAL, f"restoring {slot.agent!r} failed; its context was "
                            "reset")
+        del keep
 
     def make_live(self, slots):
         """Give every slot a live sequence, restoring parked state; return the agents whose
@@ -277,7 +293,9 @@ class Engine:
 
     def _restore(self, slot):
         if slot.parked is not None:
-            data, nbytes = slot.parked.data, slot.parked_bytes
+            buf = slot.parked
+            address, nbytes, capacity = ctypes.addressof(buf.data.contents), slot.parked_bytes, \
+                buf.capacity
         else:
             found = parkdisk.load(self.park_dir, slot.agent, self._disk_key(slot))
             if not found:
@@ -285,10 +303,13 @@ class Engine:
                 raise LmxError(Code.INTERNAL, f"the state of {slot.agent!r} on disk is gone; "
                                "its context was reset")
             raw = found[0]
-            data = (ctypes.c_uint8 * len(raw)).from_buffer_copy(raw)
-            nbytes = len(raw)
+            nbytes, capacity = len(raw), len(raw) + seqstate.SPARE
+            room = bytearray(capacity)
+            room[:nbytes] = raw
+            data = (ctypes.c_uint8 * capacity).from_buffer(room)
+            address = ctypes.addressof(data)
         try:
-            self._seq_load(slot.group.ctx, slot.seq, data, nbytes, slot)
+            self._seq_load(slot.group, slot.seq, address, nbytes, capacity, slot)
         finally:
             self._drop_parked(slot)
             if self.park_dir:

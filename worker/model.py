@@ -117,3 +117,4 @@ class Group:
         self.buffers = {}
         self.measured = None
         self.builds = 0
+        self.n_stream = 0        # KV streams of its context (one per sequence)
