@@ -4,7 +4,7 @@ agents that were never parked?
 
     python benchmarks/park_check.py --model M.gguf [--cpu] [--agents 4] [--park-ram 1MiB]
 
-Two sets of agents run the same prompts in the same batches: set A decodes, then some of its
+Two sets of agents, each in its own group, run the same prompts in the same batches: set A decodes, then some of its
 agents are parked (one within --park-ram host memory, the others past it, to files), then all
 continue; set B never parks. The script prints, per agent, where it was parked and whether its
 continuation equals set B's, and the park/restore times. On the CPU they must all be equal
@@ -60,8 +60,10 @@ def main(model, agents, first, then_, park_ram, cpu, as_json):
     a = [f"a{i}" for i in range(agents)]
     b = [f"b{i}" for i in range(agents)]
     try:
-        for name in a + b:
+        for name in a:
             eng.register(name, model, spec)
+        for name in b:       # another group (another n_batch): the same batches, apart
+            eng.register(name, model, ContextSpec(**dict(spec.as_dict(), n_batch=256)))
         prompts = PROMPTS[:agents]
         first_a, first_b = together(eng, a, prompts, first), together(eng, b, prompts, first)
         parked, times = {}, {}
