@@ -1,0 +1,194 @@
+"""Decoding on the engine's groups: a DECODE's Run, and one token for every running agent of a
+group per llama_decode (mixed into Engine).
+
+A Run's prompt (after any token left pending by the agent's last reply) is evaluated on its
+own; after that, each step puts the pending token of every running agent of a group into one
+llama_batch, decodes it, and takes every row's argmax at once. The sampled token stays pending
+until the next step, so whatever happens between steps (a park, a rebuild) loses nothing.
+"""
+import llama_cpp  # noqa: I001  -- must precede numpy: the CUDA load segfaulted otherwise
+
+import time
+
+import numpy as np
+
+from lmx.common.errors import Code, LmxError, Reason
+from lmx.worker.model import Emitter
+
+
+class Run:
+    """One DECODE in progress: its slot, what it generated, its clocks."""
+
+    def __init__(self, slot, prompt_tokens, n_predict, emit, should_stop, t0):
+        self.slot, self.n_predict, self.emit, self.should_stop = slot, n_predict, emit, should_stop
+        self.prompt_tokens = prompt_tokens
+        self.out = []
+        self.t0, self.t_live, self.t_prompt = t0, None, None
+        self.restored = False
+        self.built = False
+        self.result = None          # set when finished
+        self.eos = False
+        self.stopped_by = None
+
+    @property
+    def agent(self):
+        return self.slot.agent
+
+
+class DecodeMixin:
+    """start / prepare / step: the Engine's decode, over its slots and groups."""
+
+    def start(self, agent, prompt, n_predict, max_prompt_tokens=None, on_token=None,
+              should_stop=None):
+        """Check and tokenize a DECODE; return its Run (nothing runs yet).
+
+        on_token(index, token, text) is called for every generated token (text holds only
+        complete UTF-8 characters); should_stop() is asked after each token and returns a
+        reason ("cancel", "deadline") or None."""
+        t0 = time.perf_counter()
+        slot = self._slot(agent)
+        model = slot.model
+        prompt_tokens = model.tokenize(prompt, add_bos=model.add_bos and slot.n_past == 0
+                                       and not slot.pending)
+        if not prompt_tokens:
+            raise LmxError(Code.BAD_REQUEST, "prompt has no tokens", Reason.BAD_VALUE)
+        if max_prompt_tokens and len(prompt_tokens) > max_prompt_tokens:
+            raise LmxError(Code.LIMIT, f"prompt has {len(prompt_tokens)} tokens, the limit is "
+                           f"{max_prompt_tokens}", Reason.PROMPT_TOKENS,
+                           prompt_tokens=len(prompt_tokens), limit=max_prompt_tokens)
+        feed = slot.pending + prompt_tokens
+        need = slot.n_past + len(feed) + n_predict
+        if need > slot.n_ctx:
+            raise LmxError(Code.CONTEXT_FULL, f"{slot.n_past} tokens in context + "
+                           f"{len(feed)} new + n_predict {n_predict} > n_ctx {slot.n_ctx}",
+                           n_past=slot.n_past, n_ctx=slot.n_ctx, needed=need)
+        slot.pending = feed            # evaluated by the next step
+        return Run(slot, prompt_tokens, n_predict, Emitter(model, on_token, []), should_stop,
+                   t0)
+
+    def decode(self, agent, prompt, n_predict, max_prompt_tokens=None, on_token=None,
+               should_stop=None):
+        """Run one DECODE alone to its end and return its result (tests, tools)."""
+        run = self.start(agent, prompt, n_predict, max_prompt_tokens, on_token, should_stop)
+        self.prepare([run])
+        while run.result is None:
+            self.step([run])
+        return run.result
+
+    def prepare(self, runs):
+        """Make every run's agent live (restoring parked state) before its first step."""
+        fresh = [r for r in runs if r.t_live is None]
+        before = {id(r.slot): r.slot.group for r in fresh}
+        restored = set(self.make_live([r.slot for r in fresh]))
+        now = time.perf_counter()
+        for run in fresh:
+            run.t_live = now
+            run.restored = run.agent in restored
+            group = run.slot.group
+            run.built = before[id(run.slot)] is None and len(group.members) == 1
+
+    def step(self, runs):
+        """One token for every run (all live): a single llama_decode per group for the runs
+        with one token to evaluate, a prompt's chunks on their own; return the runs that
+        finished (their .result is set)."""
+        by_group = {}
+        for run in runs:
+            by_group.setdefault(id(run.slot.group), []).append(run)
+        finished = []
+        for group_runs in by_group.values():
+            group = group_runs[0].slot.group
+            singles = [r for r in group_runs if len(r.slot.pending) == 1]
+            for run in group_runs:
+                if len(run.slot.pending) > 1:
+                    self._prefill(group, run)
+                    run.t_prompt = time.perf_counter()
+                    if self._sample(run, -1):
+                        finished.append(run)
+            if singles:
+                self._decode_batch(group, [(r.slot.seq, r.slot.n_past, r.slot.pending[0])
+                                           for r in singles])
+                # every row's logits in one array, one argmax (llama_get_logits keeps batch order)
+                n_vocab = group.model.n_vocab
+                rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(group.ctx),
+                                             shape=(len(singles), n_vocab))
+                picks = rows.argmax(axis=1).tolist()
+                for run, tok in zip(singles, picks):
+                    run.slot.n_past += 1
+                    if run.t_prompt is None:
+                        run.t_prompt = time.perf_counter()
+                    if self._take(run, tok):
+                        finished.append(run)
+        return finished
+
+    def _prefill(self, group, run):
+        slot = run.slot
+        feed, slot.pending = slot.pending, []
+        step = min(slot.spec.n_batch, slot.n_ctx)
+        for i in range(0, len(feed), step):
+            chunk = feed[i:i + step]
+            last = i + step >= len(feed)
+            self._decode_batch(group, [(slot.seq, slot.n_past + j, t)
+                                       for j, t in enumerate(chunk)], all_logits=False,
+                               last_logits=last)
+            slot.n_past += len(chunk)
+
+    def _decode_batch(self, group, items, all_logits=True, last_logits=True):
+        """llama_decode one batch of (seq, pos, token); logits for each (or the last) row."""
+        n = len(items)
+        if n > self._batch_size:
+            if self._batch is not None:
+                llama_cpp.llama_batch_free(self._batch)
+            self._batch_size = max(n, 512)
+            self._batch = llama_cpp.llama_batch_init(self._batch_size, 0, 1)
+        b = self._batch
+        for i, (seq, pos, tok) in enumerate(items):
+            b.token[i], b.pos[i], b.n_seq_id[i] = tok, pos, 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = all_logits or (last_logits and i == n - 1)
+        b.n_tokens = n
+        rc = llama_cpp.llama_decode(group.ctx, b)
+        if rc != 0:
+            raise LmxError(Code.INTERNAL, f"llama_decode failed with {rc}")
+
+    def _sample(self, run, index):
+        """Greedy pick from the batch row `index`; see _take. True if done."""
+        slot = run.slot
+        ptr = llama_cpp.llama_get_logits_ith(slot.group.ctx, index)
+        return self._take(run, int(np.argmax(np.ctypeslib.as_array(
+            ptr, shape=(slot.model.n_vocab,)))))
+
+    def _take(self, run, tok):
+        """The sampled token stays pending (evaluated by the next step). True if done."""
+        slot = run.slot
+        slot.pending = [tok]
+        if llama_cpp.llama_vocab_is_eog(slot.model.vocab, tok):
+            run.eos = True      # the end-of-turn token is not part of the reply
+        else:
+            run.out.append(tok)
+            run.emit(len(run.out) - 1, tok)
+            if len(run.out) < run.n_predict:
+                run.stopped_by = run.should_stop() if run.should_stop else None
+                if run.stopped_by is None:
+                    return False
+        self._finish(run)
+        return True
+
+    def _finish(self, run):
+        slot, t_end = run.slot, time.perf_counter()
+        slot.decodes += 1
+        slot.generated += len(run.out)
+        first = run.emit.first
+        t_prompt = run.t_prompt or t_end
+        text = b"".join(slot.model.piece(t) for t in run.out)
+        run.result = {
+            "prompt_tokens": len(run.prompt_tokens), "generated_tokens": len(run.out),
+            "stopped_on_eos": run.eos, "elapsed_ms": round((t_end - run.t0) * 1000, 2),
+            "swap_ms": round((run.t_live - run.t0) * 1000, 2),
+            "prompt_ms": round((t_prompt - run.t_live) * 1000, 2),
+            "gen_ms": round((t_end - t_prompt) * 1000, 2),
+            "kv_swap_evicted": None, "kv_swap_restored": run.restored,
+            "stopped_by": run.stopped_by, "batch": len(slot.group.members),
+            "ttft_ms": round((first[0] - run.t0) * 1000, 2) if first else None,
+            "n_past": slot.n_past + len(slot.pending),
+            "text": text.decode("utf-8", "replace"), "tokens": run.out,
+            "context_measured": slot.group.measured if run.built else None}
