@@ -201,3 +201,35 @@ def test_a_foreign_state_is_refused_not_guessed():
             junk + bytes(seqstate.SPARE))
         with pytest.raises(seqstate.StateFormatError):
             seqstate.restream(ctypes.addressof(buf), len(junk), len(buf), 2)
+
+
+def test_a_context_that_cannot_be_built_keeps_parked_state(smol_path, monkeypatch):
+    """llama_init_from_model fails while a parked agent rejoins: its parked state and counters
+    stay (it restores exactly later), the live members are reset and told so."""
+    import llama_cpp
+    from lmx.worker.engine import Engine
+    eng = Engine(2, gpu=False, pinned=False)
+    try:
+        for name in ("a", "b", "p", "ref"):
+            eng.register(name, smol_path, ContextSpec(n_ctx=512, n_batch=256 if name == "ref"
+                                                      else 512))
+        _run_together(eng, ["a", "b", "p"], PROMPTS[:3], 6)
+        eng.park("p")
+        kept = (eng.slots["p"].n_past, list(eng.slots["p"].pending), eng.parked_ram)
+        real = llama_cpp.llama_init_from_model
+        monkeypatch.setattr(llama_cpp, "llama_init_from_model", lambda *a: None)
+        run = eng.start("p", " and then", 4)
+        with pytest.raises(LmxError) as info:
+            eng.prepare([run])
+        assert info.value.reason == Reason.CONTEXT_FAILED
+        slot = eng.slots["p"]
+        slot.pending = run.prior                          # what the scheduler does
+        assert (slot.n_past, slot.pending, eng.parked_ram) == kept and slot.parked is not None
+        assert eng.slots["a"].n_past == 0 and eng.groups == []     # live ones: reset
+        monkeypatch.setattr(llama_cpp, "llama_init_from_model", real)
+        resumed = eng.decode("p", " and then", 6)
+        assert resumed["kv_swap_restored"] is True
+        eng.decode("ref", PROMPTS[2], 6)
+        assert eng.decode("ref", " and then", 6)["tokens"] == resumed["tokens"]
+    finally:
+        eng.close()

@@ -62,9 +62,11 @@ class DecodeMixin:
             raise LmxError(Code.CONTEXT_FULL, f"{slot.n_past} tokens in context + "
                            f"{len(feed)} new + n_predict {n_predict} > n_ctx {slot.n_ctx}",
                            n_past=slot.n_past, n_ctx=slot.n_ctx, needed=need)
+        run = Run(slot, prompt_tokens, n_predict, Emitter(model, on_token, []), should_stop,
+                  t0)
+        run.prior = slot.pending       # what to put back if it never runs
         slot.pending = feed            # evaluated by the next step
-        return Run(slot, prompt_tokens, n_predict, Emitter(model, on_token, []), should_stop,
-                   t0)
+        return run
 
     def decode(self, agent, prompt, n_predict, max_prompt_tokens=None, on_token=None,
                should_stop=None):

@@ -175,30 +175,54 @@ class Engine(DecodeMixin):
 
     def _rebuild(self, group, members):
         """Recreate the group's context for exactly `members`, carrying every remaining
-        member's sequence over (a member leaving must have been saved already)."""
+        member's sequence over (a member leaving must have been saved already). A member
+        whose sequence cannot be carried is reset, the others keep theirs, then it raises."""
         carry = {}
-        if group.ctx is not None:
+        try:
+            if group.ctx is not None:
+                for slot in group.members:
+                    if slot in members and slot.n_past:
+                        carry[slot.agent] = self._seq_save(group.ctx, slot.seq)
+                llama_cpp.llama_free(group.ctx)
+                group.ctx = None
             for slot in group.members:
-                if slot in members and slot.n_past:
-                    carry[slot.agent] = self._seq_save(group.ctx, slot.seq)
-            llama_cpp.llama_free(group.ctx)
-            group.ctx = None
-        for slot in group.members:
-            if slot not in members:
-                slot.group = slot.seq = None
-        group.members = list(members)
-        if not members:
-            self.groups.remove(group)
-            trim_heap()
-            return
+                if slot not in members:
+                    slot.group = slot.seq = None
+            group.members = list(members)
+            if not members:
+                self.groups.remove(group)
+                trim_heap()
+                return
+            self._build(group)
+            failed = None
+            for seq, slot in enumerate(members):
+                slot.group, slot.seq = group, seq
+                buf = carry.get(slot.agent)
+                try:
+                    if buf is not None:
+                        self._seq_load(group, seq, ctypes.addressof(buf.data.contents),
+                                       buf.nbytes, buf.capacity, slot)
+                except LmxError as err:
+                    failed = failed or err
+            if failed is not None:
+                raise failed
+        finally:
+            for buf in carry.values():
+                buf.free()
+
+    def _build(self, group):
+        """A new context for the group's members; on failure their sequences are lost."""
+        members = group.members
         self.llama_log.reset()
         before = self.process_bytes()
         ctx = llama_cpp.llama_init_from_model(group.model.ptr, self._ctx_params(
             group.spec, len(members)))
         if not ctx:
-            for slot in members:       # their sequences are lost: say so, keep the slots
+            for slot in members:       # live sequences are lost (parked ones stay parked)
                 slot.group = slot.seq = None
-                slot.n_past, slot.pending = 0, []
+                if slot.parked is None and not slot.on_disk:
+                    slot.n_past, slot.pending = 0, []
+            group.members = []
             self.groups.remove(group)
             why = self.llama_log.last_error() or "llama_init_from_model returned NULL"
             raise LmxError(Code.MODEL_ERROR, f"cannot create a context for {len(members)} "
@@ -211,15 +235,6 @@ class Engine(DecodeMixin):
                           "nvml_delta": nvml_delta(before, self.process_bytes()),
                           "buffers": group.buffers}
         group.builds += 1
-        for seq, slot in enumerate(members):
-            slot.group, slot.seq = group, seq
-            buf = carry.pop(slot.agent, None)
-            if buf is not None:
-                try:
-                    self._seq_load(group, seq, ctypes.addressof(buf.data.contents),
-                                   buf.nbytes, buf.capacity, slot)
-                finally:
-                    buf.free()
 
     def _seq_save(self, ctx, seq):
         size = llama_cpp.llama_state_seq_get_size(ctx, seq)

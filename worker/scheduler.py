@@ -74,6 +74,9 @@ class Scheduler:
             except LmxError as err:
                 for run in fresh:       # a context could not be built: fail those that wait
                     if run.slot.group is None:
+                        slot = run.slot
+                        slot.pending = run.prior if (slot.parked is not None or slot.on_disk
+                                                     or slot.n_past) else []
                         self._end(run, err.fields())
         groups = {}
         for _, run in self.running.values():
