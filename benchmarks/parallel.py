@@ -7,9 +7,10 @@ For each N, N agents (one client thread each) stream a DECODE of --n-predict tok
 time; aggregate tok/s = all tokens / wall time of the round, and the ratio to N = 1 is printed
 with p50/p95 time to first token, the largest batch the worker reported, and whether the ratio
 meets 0.7 x N. Agents of one model are decoded in one llama_decode batch (worker/engine.py).
-Before each timed round the N agents run a 4-token warm-up round, in which the new ones join
-the group (a rebuild of its context each); its wall time is recorded as warmup_round_ms. Then --check agents decode
-the same prompt batched and one at a time, and the script counts equal greedy continuations.
+Before each timed round the N agents run a 4-token warm-up round, in which the new ones join the
+group (a rebuild of its context each); its wall time is recorded as warmup_round_ms. Then
+--check agents decode the same prompt batched and one at a time, and the script counts equal
+greedy continuations.
 """
 import os
 import tempfile

@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""Parking inside a batch, checked on any device: do parked-and-restored agents continue as
-agents that were never parked?
+"""Parking inside a batch, checked on any device: do parked-and-restored agents continue as agents
+that were never parked?
 
     python benchmarks/park_check.py --model M.gguf [--cpu] [--agents 4] [--park-ram 1MiB]
 
-Two sets of agents, each in its own group, run the same prompts in the same batches: set A decodes, then some of its
-agents are parked (one within --park-ram host memory, the others past it, to files), then all
-continue; set B never parks. The script prints, per agent, where it was parked and whether its
-continuation equals set B's, and the park/restore times. On the CPU they must all be equal
-(tests/test_engine.py asserts it); on a GPU this is the check of the same claim.
+Two sets of agents, each in its own group, run the same prompts in the same batches: set A
+decodes, then some of its agents are parked (one within --park-ram host memory, the others past
+it, to files), then all continue; set B never parks. The script prints, per agent, where it was
+parked and whether its continuation equals set B's, and the park/restore times. On the CPU they
+must all be equal (tests/test_engine.py asserts it); on a GPU this is the check of the same
+claim.
 """
 import llama_cpp  # noqa: F401,I001  -- before numpy (the CUDA load order)
 

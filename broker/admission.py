@@ -12,12 +12,6 @@ from lmx.common.errors import Code, LmxError, Reason
 log = logging.getLogger("lmx.broker")
 
 
-class _Newcomer:
-    """Stands for an agent not registered yet when planning room for it."""
-
-    live = False
-
-
 class AdmissionMixin:
     """The Broker's request handlers that touch the ledger (mixed into Broker)."""
 
@@ -45,7 +39,7 @@ class AdmissionMixin:
             victims = None
             if err.code == Code.VRAM_LEDGER_DENY and self.config.admit_by_parking:
                 new = est.context + (0 if est.path in self.models else est.weights)
-                victims = self._plan_room(_Newcomer(), new)
+                victims = self._plan_room(None, new)
             if not victims:
                 raise
             for victim in victims:

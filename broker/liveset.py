@@ -36,9 +36,11 @@ class LiveSetMixin:
 
     def _plan_room(self, rec, nbytes):
         """The idle live agents (least recently used first) to park so that nbytes more fit
-        and the live count stays within --max-live-contexts; None if no such set exists."""
+        for rec (None: an agent not registered yet) and the live count stays within
+        --max-live-contexts; None if no such set exists."""
         free = self.ledger.max_bytes - self.ledger.allocated_bytes
-        live = sum(1 for r in self.agents.values() if r.live) + (0 if rec.live else 1)
+        live = sum(1 for r in self.agents.values() if r.live) + (
+            0 if rec is not None and rec.live else 1)
         limit = self.config.max_live_contexts
         extra = max(live - limit, 0) if limit else 0
         idle = sorted((r for r in self.agents.values() if r.live and r is not rec and
@@ -76,10 +78,9 @@ class LiveSetMixin:
         log.info("liveset: parking agent=%s (releases %d bytes)", victim.agent, freed)
 
         def done(result):
-            if result.get("status") == "ok":
-                victim.parked = result.get("parked")
-            elif victim.agent in self.agents and not victim.live and result.get("code") not in (
-                    Code.UNKNOWN_AGENT, Code.WORKER_LOST):
+            if result.get("status") != "ok" and victim.agent in self.agents and \
+                    not victim.live and result.get("code") not in (Code.UNKNOWN_AGENT,
+                                                                   Code.WORKER_LOST):
                 # Still live on the worker: book it again, whatever the cap says now.
                 log.error("liveset: parking %s failed (%s); booked again", victim.agent,
                           result.get("message"))

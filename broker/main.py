@@ -105,8 +105,8 @@ def main(endpoint, worker_endpoint, vram_table, vram_total, admission_percent, s
          worker_cpu, threads, gpu_index, worker_overhead, worker_start_timeout, heartbeat,
          liveness, queue_depth, default_n_ctx, max_frame_bytes, max_n_predict, state_dir,
          measure_margin, others_margin, simulate_others, model_dirs, max_prompt_tokens,
-         max_agents_per_client, curve_secret_key, curve_clients, max_live_contexts, admit_by_parking,
-         max_batch, park_ram, quantum, park_to_disk, log_level):
+         max_agents_per_client, curve_secret_key, curve_clients, max_live_contexts,
+         admit_by_parking, max_batch, park_ram, quantum, park_to_disk, log_level):
     """Run the lmx broker (and, by default, its worker) until SIGINT/SIGTERM."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     try:

@@ -26,10 +26,8 @@ class Agent:
     generated_tokens: int = 0
     context_reset: bool = False         # tell the next DECODE its conversation was lost
     live: bool = True                   # its context is booked (parked agents book nothing)
-    parked: str = None                  # where the worker parked it: "ram", "disk" or None
     outstanding: int = 0                # its DECODEs queued or running at the worker
     last_used: float = 0.0              # monotonic time of its last DECODE (LRU parking)
-    parks: int = 0
 
 
 @dataclass

@@ -68,7 +68,7 @@ class RecoveryMixin:
                     rec.context_reset = not result.get("resumed")
                     if result.get("resumed") and rec.live:   # its state is on disk: parked
                         self.ledger.release(f"agent:{rec.agent}")
-                        rec.live, rec.parked = False, "disk"
+                        rec.live = False
                     log.info("recovery: agent=%s %s", rec.agent, "resumed from disk"
                              if result.get("resumed") else "rebuilt; its context was reset")
                 else:

@@ -68,7 +68,8 @@ class ViewsMixin:
                     parked_bytes=slot.get("parked_bytes", 0),
                     parked_pinned=slot.get("parked_pinned", False),
                     parked_on_disk=parked == "disk", n_past=slot.get("n_past", 0),
-                    batch=slot.get("batch", 0), worker_live=slot.get("live", False))
+                    batch=slot.get("batch", 0), parks=slot.get("parks", 0),
+                    worker_live=slot.get("live", False))
 
     def _ledger_numbers(self):
         return {"ledger_max_bytes": self.ledger.max_bytes,

@@ -234,7 +234,6 @@ class Engine(DecodeMixin):
         group.measured = {"device_bytes": device_bytes(group.buffers, self.gpu),
                           "nvml_delta": nvml_delta(before, self.process_bytes()),
                           "buffers": group.buffers}
-        group.builds += 1
 
     def _seq_save(self, ctx, seq):
         size = llama_cpp.llama_state_seq_get_size(ctx, seq)

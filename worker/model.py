@@ -94,7 +94,6 @@ class Slot:
         self.model = model
         self.spec = spec
         self.n_ctx = spec.n_ctx
-        self.measured = None     # device bytes of its context, once one was built
         self.n_past = 0          # tokens already in the KV cache
         self.pending = []        # sampled but not yet evaluated (the last token of a reply)
         self.group = None        # the Group it is live in, and its sequence id there
@@ -116,5 +115,4 @@ class Group:
         self.members = []        # slots; a member's sequence id is its index
         self.buffers = {}
         self.measured = None
-        self.builds = 0
         self.n_stream = 0        # KV streams of its context (one per sequence)

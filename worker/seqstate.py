@@ -2,18 +2,19 @@
 
 A group keeps one KV stream per sequence (llama.cpp's non-unified cache: each sequence attends
 to its own cells only, laid out as if it were alone). ``llama_state_seq_get_data`` writes a
-magic number and the source sequence id, then, for each KV cache of the model (two for sliding-window models), the cache's stream count and then
-one cell count per stream, followed by that stream's cells when the count is not zero; only
-the saved sequence's stream has cells. ``llama_state_seq_set_data`` refuses a state whose
-stream count differs from the context's ("n_stream mismatch") but restores the one non-empty
-stream into the destination sequence's stream whatever its position. So moving a sequence to
-a group of another size needs only a new stream count and a new number of empty entries.
+magic number and the source sequence id, then, for each KV cache of the model (two for sliding-
+window models), the cache's stream count and then one cell count per stream, followed by that
+stream's cells when the count is not zero; only the saved sequence's stream has cells.
+``llama_state_seq_set_data`` refuses a state whose stream count differs from the context's
+("n_stream mismatch") but restores the one non-empty stream into the destination sequence's
+stream whatever its position. So moving a sequence to a group of another size needs only a new
+stream count and a new number of empty entries.
 
 With one KV cache that is done in place, without copying the cells: the new header is written
-into the old run of empty entries and the trailing empty entries into spare room after the
-state (``SPARE`` bytes, which parked buffers carry). Sliding-window models (two caches back to
-back) get a rewritten copy. The layout is llama.cpp 0.3.36's ``llama_kv_cache::state_write``;
-anything that does not parse exactly raises StateFormatError, never a guess.
+into the old run of empty entries and the trailing empty entries into spare room after the state
+(``SPARE`` bytes, which parked buffers carry). Sliding-window models (two caches back to back)
+get a rewritten copy. The layout is llama.cpp 0.3.36's ``llama_kv_cache::state_write``; anything
+that does not parse exactly raises StateFormatError, never a guess.
 """
 import ctypes
 import struct
