@@ -25,19 +25,16 @@ Pure: reads no weights, touches no GPU, knows no sockets. Each rule cites the ll
 import math
 from dataclasses import asdict, dataclass
 
+from gguf import GGML_QUANT_SIZES
+
 from lmx.common.ctxspec import KV_TYPES, kv_row_bytes
 
 SWA_PERIOD = {"gemma2": 2, "gemma3": 6, "cohere2": 4, "llama4": 4}
 CUDA_OVERHEAD = 640 << 20      # CUDA context + cuBLAS workspace, once per worker process
 MIB = 1 << 20
 SLACK = 96 << 10               # small tensors and alignment in the compute buffer
-# GGML type id -> (block elements, block bytes); the types GGUF files carry.
-GGML_SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24),
-              8: (32, 34), 9: (32, 40), 10: (256, 84), 11: (256, 110), 12: (256, 144),
-              13: (256, 176), 14: (256, 210), 15: (256, 292), 16: (256, 66), 17: (256, 74),
-              18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 82),
-              23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8),
-              29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66), 39: (32, 17)}
+# GGML type id -> (block elements, block bytes); every type the gguf package knows.
+GGML_SIZES = {int(qtype): sizes for qtype, sizes in GGML_QUANT_SIZES.items()}
 
 
 class UnknownShape(ValueError):

@@ -1,10 +1,10 @@
-"""The VRAM ledger: a pure, lock-protected book of device bytes (no sockets, no clock).
+"""The VRAM ledger: a pure book of device bytes (no sockets, no clock, no threads).
 
-cap = admission_percent x device total. A booking is admitted only if
-allocated + requested <= cap; the check and the booking happen under one lock, so concurrent
-reservations can never overcommit.
+cap = min(admission_percent x device total, total - bytes other processes hold - margin).
+Every booking that grows goes through one check, allocated + requested <= cap, so the ledger
+never goes over its cap by its own hand. Only the cap can move below what is allocated: when
+other processes take device memory (admitted agents are never evicted for it).
 """
-import threading
 from dataclasses import dataclass
 
 from lmx.common.errors import Code, LmxError, Reason
@@ -37,7 +37,6 @@ class Ledger:
     def __init__(self, total_bytes=None, admission_percent=90):
         if not 0 < admission_percent <= 100:
             raise ValueError(f"admission percent must be in (0, 100], got {admission_percent}")
-        self._lock = threading.Lock()
         self._bookings = {}
         self._allocated = 0
         self.admission_percent = admission_percent
@@ -64,9 +63,8 @@ class Ledger:
 
     def set_external(self, nbytes, margin=0):
         """Device bytes held outside this ledger (other processes), from a live reading."""
-        with self._lock:
-            self.external_bytes = None if nbytes is None else max(int(nbytes), 0)
-            self.external_margin = margin
+        self.external_bytes = None if nbytes is None else max(int(nbytes), 0)
+        self.external_margin = margin
 
     @property
     def allocated_bytes(self):
@@ -77,8 +75,7 @@ class Ledger:
         """Set the device total; existing bookings stay even if they now exceed the cap."""
         if total_bytes <= 0:
             raise ValueError(f"device total must be positive, got {total_bytes}")
-        with self._lock:
-            self.total_bytes = int(total_bytes)
+        self.total_bytes = int(total_bytes)
 
     def try_reserve(self, key, nbytes):
         """Book nbytes under key if it fits; return None on success or a Denial."""
@@ -86,36 +83,44 @@ class Ledger:
 
     def try_reserve_many(self, wanted):
         """Book every {key: bytes} or none of them; return None on success or a Denial."""
-        nbytes = sum(wanted.values())
         if any(v < 0 for v in wanted.values()):
             raise ValueError(f"cannot book negative bytes ({wanted})")
-        with self._lock:
-            for key in wanted:
-                if key in self._bookings:
-                    raise KeyError(f"ledger: {key!r} is already booked")
-            if self.total_bytes is None:
-                return Denial(Reason.NO_DEVICE_TOTAL, 0, self._allocated, nbytes)
-            if self._allocated + nbytes > self.max_bytes:
-                # Say which limit refused it: our own cap, or memory other processes took.
-                reason = Reason.CAP if self._allocated + nbytes > self.percent_cap \
-                    else Reason.OTHER_PROCESSES
-                return Denial(reason, self.max_bytes, self._allocated, nbytes)
+        for key in wanted:
+            if key in self._bookings:
+                raise KeyError(f"ledger: {key!r} is already booked")
+        denial = self._check(sum(wanted.values()))
+        if denial is None:
             self._bookings.update(wanted)
-            self._allocated += nbytes
-            return None
+            self._allocated += sum(wanted.values())
+        return denial
 
-    def force(self, key, nbytes):
-        """Book without the cap check (fixed costs already paid, e.g. the worker's context)."""
-        with self._lock:
-            self._allocated += nbytes - self._bookings.get(key, 0)
+    def try_resize(self, key, nbytes):
+        """Change an existing booking to nbytes if the growth fits (shrinking always does);
+        return None on success or a Denial."""
+        if key not in self._bookings:
+            raise KeyError(f"ledger: {key!r} is not booked")
+        grow = nbytes - self._bookings[key]
+        denial = self._check(grow) if grow > 0 else None
+        if denial is None:
+            self._allocated += grow
             self._bookings[key] = nbytes
+        return denial
+
+    def _check(self, nbytes):
+        if self.total_bytes is None:
+            return Denial(Reason.NO_DEVICE_TOTAL, 0, self._allocated, nbytes)
+        if self._allocated + nbytes > self.max_bytes:
+            # Say which limit refused it: our own cap, or memory other processes took.
+            reason = Reason.CAP if self._allocated + nbytes > self.percent_cap \
+                else Reason.OTHER_PROCESSES
+            return Denial(reason, self.max_bytes, self._allocated, nbytes)
+        return None
 
     def release(self, key):
         """Drop a booking and return its bytes (0 if there was none)."""
-        with self._lock:
-            nbytes = self._bookings.pop(key, 0)
-            self._allocated -= nbytes
-            return nbytes
+        nbytes = self._bookings.pop(key, 0)
+        self._allocated -= nbytes
+        return nbytes
 
     def booked(self, key):
         """Bytes booked under key, or None."""
@@ -123,12 +128,11 @@ class Ledger:
 
     def snapshot(self):
         """A copy of the numbers, for STATUS and tests."""
-        with self._lock:
-            return {"ledger_max_bytes": self.max_bytes,
-                    "ledger_allocated_bytes": self._allocated,
-                    "ledger_free_bytes": max(self.max_bytes - self._allocated, 0),
-                    "admission_percent": self.admission_percent,
-                    "ledger_percent_cap_bytes": self.percent_cap,
-                    "external_bytes": self.external_bytes,
-                    "device_total_bytes": self.total_bytes,
-                    "bookings": dict(self._bookings)}
+        return {"ledger_max_bytes": self.max_bytes,
+                "ledger_allocated_bytes": self._allocated,
+                "ledger_free_bytes": max(self.max_bytes - self._allocated, 0),
+                "admission_percent": self.admission_percent,
+                "ledger_percent_cap_bytes": self.percent_cap,
+                "external_bytes": self.external_bytes,
+                "device_total_bytes": self.total_bytes,
+                "bookings": dict(self._bookings)}

@@ -8,7 +8,9 @@ import tempfile
 
 import click
 
-from lmx.broker.server import Broker, BrokerConfig
+from lmx.broker.core import BrokerConfig
+from lmx.broker.server import Broker
+from lmx.broker.statelock import StateDirBusy
 from lmx.common import config as cfg
 
 log = logging.getLogger("lmx.broker")
@@ -36,7 +38,7 @@ def _private_worker_endpoint():
               "a private ipc socket in a fresh temp dir].")
 @click.option("--vram-table", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Operator table: 'key path bytes' per line; keys can be REGISTERed by name "
-              "and their bytes are booked per agent.")
+              "and their bytes are the model's weights, booked once per loaded model.")
 @click.option("--vram-total", callback=_size, default=None, help="Declared device size, e.g. "
               "8GiB. CPU worker: the size admission uses [default 8GiB]. GPU: caps NVML's "
               "total (emulate a smaller card).")
@@ -65,8 +67,9 @@ def _private_worker_endpoint():
               help="Largest request body accepted (FRAME_TOO_LARGE past it).")
 @click.option("--max-n-predict", default=cfg.MAX_N_PREDICT, show_default=True)
 @click.option("--state-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "lmx"),
-              show_default=True, help="Where measured.json (what the worker really "
-              "allocated, per model file and parameters) is kept.")
+              show_default=True, help="The broker's own folder (one broker per folder, held "
+              "by broker.lock): journal.json (registrations), measured.json (what the worker "
+              "really allocated) and parked/ (parked KV state).")
 @click.option("--measure-margin", default=5, show_default=True, type=click.IntRange(0, 100),
               help="Percent added to a measured figure when it replaces an estimate.")
 @click.option("--others-margin", callback=_size, default="256MiB", show_default=True,
@@ -92,8 +95,8 @@ def _private_worker_endpoint():
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 64),
               help="Agents of one model and context spec decoded in one llama_decode batch.")
 @click.option("--park-ram", callback=_size, default="4GiB", show_default=True,
-              help="Host memory for parked KV state; past it, parked state goes to files in "
-              "STATE_DIR/parked.")
+              help="Host memory for parked KV state (the broker's budget: it counts every "
+              "parked byte); past it, parked state goes to files in STATE_DIR/parked.")
 @click.option("--quantum", default=4, show_default=True, type=click.IntRange(1, 4096),
               help="Tokens (batched steps) a group of agents runs per turn before the next "
               "group's turn and new jobs.")
@@ -101,65 +104,75 @@ def _private_worker_endpoint():
               help="Use STATE_DIR/parked: parked state past --park-ram, and a copy of every "
               "parked state so conversations survive a worker or broker restart.")
 @click.option("--log-level", default="INFO", show_default=True)
-def main(endpoint, worker_endpoint, vram_table, vram_total, admission_percent, spawn_worker,
-         worker_cpu, threads, gpu_index, worker_overhead, worker_start_timeout, heartbeat,
-         liveness, queue_depth, default_n_ctx, max_frame_bytes, max_n_predict, state_dir,
-         measure_margin, others_margin, simulate_others, model_dirs, max_prompt_tokens,
-         max_agents_per_client, curve_secret_key, curve_clients, max_live_contexts,
-         admit_by_parking, max_batch, park_ram, quantum, park_to_disk, log_level):
+def main(**opts):
     """Run the lmx broker (and, by default, its worker) until SIGINT/SIGTERM."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    try:
-        table = cfg.load_model_table(vram_table) if vram_table else {}
-    except (OSError, ValueError) as exc:
-        raise click.BadParameter(str(exc), param_hint="--vram-table") from None
-    for entry in table.values():
-        if not os.path.isfile(entry.path):
-            log.warning("broker: table key %r points at a missing file %s", entry.key,
-                        entry.path)
-    if not spawn_worker and not worker_endpoint:
+    logging.basicConfig(level=opts["log_level"].upper(),
+                        format="%(asctime)s %(name)s %(message)s")
+    if not opts["spawn_worker"] and not opts["worker_endpoint"]:
         raise click.UsageError("--no-spawn-worker needs --worker-endpoint for the worker")
     private = None
-    if worker_endpoint is None:
-        worker_endpoint, private = _private_worker_endpoint()
-    args = ["--gpu-index", str(gpu_index)]
-    args += ["--vram-total", str(vram_total)] if vram_total else []
-    args += ["--threads", str(threads)] if threads else []
-    args += ["--cpu"] if worker_cpu else []
-    args += ["--simulate-others", os.path.abspath(simulate_others)] if simulate_others else []
-    args += ["--park-dir", os.path.join(state_dir, "parked")] if park_to_disk else []
-    args += ["--max-batch", str(max_batch), "--park-ram", str(park_ram), "--quantum", str(quantum)]
-    config = BrokerConfig(
-        endpoint=endpoint, worker_endpoint=worker_endpoint,
-        table=table, vram_total=vram_total, admission_percent=admission_percent,
-        spawn_worker=spawn_worker, worker_args=tuple(args),
-        worker_start_timeout=worker_start_timeout, worker_overhead=worker_overhead,
-        heartbeat_s=heartbeat, liveness=liveness, queue_depth=queue_depth,
-        max_frame_bytes=max_frame_bytes, default_n_ctx=default_n_ctx,
-        max_n_predict=max_n_predict, state_dir=state_dir, measure_margin_percent=measure_margin,
-        others_margin=others_margin, model_dirs=tuple(model_dirs),
-        max_prompt_tokens=max_prompt_tokens, max_agents_per_client=max_agents_per_client,
-        curve_secret_key=curve_secret_key, curve_clients=curve_clients,
-        park_to_disk=park_to_disk, max_live_contexts=max_live_contexts,
-        admit_by_parking=admit_by_parking)
-    broker = Broker(config)
-    # Signal handlers do no work: they ask the loop to stop.
-    signal.signal(signal.SIGTERM, lambda *_: setattr(broker, "stop", True))
-    signal.signal(signal.SIGINT, lambda *_: setattr(broker, "stop", True))
-    log.info("broker: worker endpoint %s", config.worker_endpoint)
+    if opts["worker_endpoint"] is None:
+        opts["worker_endpoint"], private = _private_worker_endpoint()
     code = 0
     try:
-        broker.start()
-        broker.run()
-    except RuntimeError as exc:
+        broker = Broker(_config(opts))
+        # Signal handlers do no work: they ask the loop to stop.
+        signal.signal(signal.SIGTERM, lambda *_: setattr(broker, "stop", True))
+        signal.signal(signal.SIGINT, lambda *_: setattr(broker, "stop", True))
+        log.info("broker: worker endpoint %s", opts["worker_endpoint"])
+        try:
+            broker.start()
+            broker.run()
+        except RuntimeError as exc:
+            log.error("broker: %s", exc)
+            broker.close()
+            code = 1
+    except StateDirBusy as exc:
         log.error("broker: %s", exc)
-        broker.close()
         code = 1
     finally:
         if private:
             shutil.rmtree(private, ignore_errors=True)
     log.info("broker: stopped")
     sys.exit(code)
+
+
+def _table(path):
+    try:
+        table = cfg.load_model_table(path) if path else {}
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--vram-table") from None
+    for entry in table.values():
+        if not os.path.isfile(entry.path):
+            log.warning("broker: table key %r points at a missing file %s", entry.key,
+                        entry.path)
+    return table
+
+
+def _config(o):
+    """lmx-broker's options -> the broker's config, with the worker's config inside it."""
+    state = o["state_dir"]
+    worker = cfg.WorkerConfig(
+        broker=o["worker_endpoint"], gpu_index=o["gpu_index"], force_cpu=o["worker_cpu"],
+        threads=o["threads"], vram_total=o["vram_total"], heartbeat_s=o["heartbeat"],
+        liveness=o["liveness"], max_batch=o["max_batch"], quantum=o["quantum"],
+        log_level=o["log_level"],
+        simulate_others=os.path.abspath(o["simulate_others"]) if o["simulate_others"] else None,
+        park_dir=os.path.join(state, "parked") if o["park_to_disk"] and state else None)
+    return BrokerConfig(
+        endpoint=o["endpoint"], worker_endpoint=o["worker_endpoint"],
+        table=_table(o["vram_table"]), admission_percent=o["admission_percent"],
+        spawn_worker=o["spawn_worker"], worker=worker,
+        worker_start_timeout=o["worker_start_timeout"], worker_overhead=o["worker_overhead"],
+        heartbeat_s=o["heartbeat"], liveness=o["liveness"], queue_depth=o["queue_depth"],
+        max_frame_bytes=o["max_frame_bytes"], default_n_ctx=o["default_n_ctx"],
+        max_n_predict=o["max_n_predict"], state_dir=state,
+        measure_margin_percent=o["measure_margin"], others_margin=o["others_margin"],
+        model_dirs=tuple(o["model_dirs"]), max_prompt_tokens=o["max_prompt_tokens"],
+        max_agents_per_client=o["max_agents_per_client"],
+        curve_secret_key=o["curve_secret_key"], curve_clients=o["curve_clients"],
+        park_to_disk=o["park_to_disk"], park_ram=o["park_ram"],
+        max_live_contexts=o["max_live_contexts"], admit_by_parking=o["admit_by_parking"])
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ log = logging.getLogger("lmx.broker")
 
 
 def with_margin(measured, percent):
-    """measured bytes plus the reconciliation margin (at least 1 MiB)."""
+    """measured bytes plus the reconciliation margin (at least 1 MiB); nothing for nothing."""
+    if measured <= 0:
+        return 0
     return measured + max(measured * percent // 100, 1 << 20)
 
 

@@ -1,67 +1,40 @@
-"""The broker: one loop over a client ROUTER and a worker ROUTER.
+"""The broker's I/O: two ROUTER sockets, the worker process, and the clock around the core.
 
-This module holds the loop, start-up and the sockets; the handlers live in mixins:
-admission.py (REGISTER/UNREGISTER/DECODE: book before build, unwind, reconcile),
-recovery.py (worker liveness, restarts, journal replay) and views.py (HELP/STATUS/LIST).
+The loop turns socket traffic, the worker's exit and time into events for the core
+(broker/core), and carries out the actions it returns. It decides nothing itself.
+
+Replies never vanish at a high-water mark: the client ROUTER is ROUTER_MANDATORY, and a reply
+the socket cannot take now waits in that client's outbox and is retried every turn of the
+loop. When a client's outbox passes MAX_OUTBOX_BYTES (a streaming reader that does not read),
+the core stops that client's streams; their final replies still wait in the outbox.
 """
+import collections
 import logging
 import os
+import subprocess
+import sys
 import time
-from dataclasses import dataclass, field
 
 import zmq
 
 from lmx.broker import access
-from lmx.broker.admission import AdmissionMixin
-from lmx.broker.estimator import CUDA_OVERHEAD
+from lmx.broker.core import Core
+from lmx.broker.core.events import (CancelJob, ClientRequest, ClientSlow, KillWorker, Log,
+                                    Reply, SendJob, SpawnWorker, Tick, WorkerHeartbeat,
+                                    WorkerLost, WorkerReady, WorkerResult, WorkerToken)
+from lmx.broker.estimate import estimate
 from lmx.broker.journal import Journal
-from lmx.broker.liveset import LiveSetMixin
-from lmx.broker.ledger import Ledger
 from lmx.broker.measured import MeasuredCache
-from lmx.broker.recovery import RecoveryMixin
-from lmx.broker.views import ViewsMixin
-from lmx.broker.workerlink import WorkerLink
+from lmx.broker.statelock import StateLock
 from lmx.common import config as cfg
 from lmx.common import protocol
-from lmx.common.errors import Code, LmxError
+from lmx.common.errors import LmxError
+from lmx.common.jobs import DeviceReading, Result, StreamingInfo
 from lmx.common.sockets import make_socket
 
 log = logging.getLogger("lmx.broker")
-READ_ONLY = {"STATUS", "LIST", "HELP"}      # verbs that change nothing STATUS shows
-
-
-@dataclass
-class BrokerConfig:
-    """Everything the broker is started with (lmx-broker's options)."""
-
-    endpoint: str = cfg.DEFAULT_ENDPOINT
-    worker_endpoint: str = ""
-    table: dict = field(default_factory=dict)
-    vram_total: int = None             # declared size; None: NVML on a GPU, else 8 GiB
-    admission_percent: int = cfg.DEFAULT_ADMISSION_PERCENT
-    spawn_worker: bool = True
-    worker_args: tuple = ()
-    worker_start_timeout: float = 120.0
-    worker_overhead: int = None        # None: 640 MiB on CUDA, 0 on CPU
-    heartbeat_s: float = cfg.DEFAULT_HEARTBEAT_S
-    liveness: int = cfg.DEFAULT_LIVENESS
-    queue_depth: int = cfg.DEFAULT_QUEUE_DEPTH
-    max_frame_bytes: int = protocol.DEFAULT_MAX_FRAME_BYTES
-    default_n_ctx: int = cfg.DEFAULT_N_CTX
-    max_n_ctx: int = cfg.MAX_N_CTX
-    max_n_predict: int = cfg.MAX_N_PREDICT
-    max_prompt_bytes: int = cfg.MAX_PROMPT_BYTES
-    state_dir: str = ""                # measured.json lives here ("" keeps it in memory)
-    model_dirs: tuple = ()             # REGISTER paths must lie under one of these
-    max_prompt_tokens: int = cfg.DEFAULT_MAX_PROMPT_TOKENS
-    max_agents_per_client: int = cfg.DEFAULT_MAX_AGENTS_PER_CLIENT
-    curve_secret_key: str = None       # tcp endpoints: the server's zmq.auth secret key file
-    curve_clients: str = None          # ... and the folder of allowed clients' public keys
-    park_to_disk: bool = True          # parked state also on disk (state_dir/parked)
-    max_live_contexts: int = 0         # 0: as many as the ledger allows
-    admit_by_parking: bool = False     # REGISTER may park idle agents to make room
-    measure_margin_percent: int = 5    # booking after reconciliation = measured + this
-    others_margin: int = 256 << 20     # kept free below what other processes hold
+MAX_OUTBOX_BYTES = 64 << 20      # per client: past it, its streams are stopped
+TICK_S = 0.02
 
 
 def refuse_if_served(endpoint):
@@ -77,48 +50,104 @@ def refuse_if_served(endpoint):
     raise RuntimeError(f"another lmx broker (worker pid {pid}) is serving {endpoint}")
 
 
-class Broker(AdmissionMixin, LiveSetMixin, RecoveryMixin, ViewsMixin):
-    """Admission accounting, the agent registry and the request queue."""
+class Outbox:
+    """Per-client replies the ROUTER could not take yet, sent in order when it can."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.pending = collections.defaultdict(collections.deque)
+        self.nbytes = collections.Counter()
+
+    def send(self, identity, frames):
+        """Send now, or keep for later; True if the client's backlog is over the limit."""
+        if not self.pending.get(identity) and self._try(identity, frames):
+            return False
+        self.pending[identity].append(frames)
+        self.nbytes[identity] += sum(len(f) for f in frames)
+        return self.nbytes[identity] > MAX_OUTBOX_BYTES
+
+    def _try(self, identity, frames):
+        try:
+            self.sock.send_multipart([identity, *frames], zmq.NOBLOCK)
+        except zmq.Again:
+            return False                    # its pipe is full: keep it
+        except zmq.ZMQError as exc:         # EHOSTUNREACH: the client is gone
+            log.info("broker: reply to a disconnected client dropped (%s)", exc)
+        return True
+
+    def flush(self):
+        for identity in list(self.pending):
+            box = self.pending[identity]
+            while box and self._try(identity, box[0]):
+                self.nbytes[identity] -= sum(len(f) for f in box.popleft())
+            if not box:
+                del self.pending[identity]
+                del self.nbytes[identity]
+
+
+class WorkerProcess:
+    """The spawned lmx-worker subprocess."""
+
+    def __init__(self, worker_config):
+        self.config = worker_config
+        self.proc = None
+
+    def spawn(self):
+        cmd = [sys.executable, "-m", "lmx.worker.main", *self.config.argv()]
+        log.info("worker: spawning %s -m lmx.worker.main --config ...", sys.executable)
+        self.proc = subprocess.Popen(cmd)
+
+    def exited(self):
+        return self.proc is not None and self.proc.poll() is not None
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def wait(self, timeout):
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("worker: pid %s ignored SHUTDOWN; killing", self.proc.pid)
+            self.kill()
+
+
+class Broker:
+    """Sockets, the worker process and the loop around one Core."""
 
     def __init__(self, config, ctx=None):
         self.config = config
         self.ctx = ctx or zmq.Context()
-        self.ledger = Ledger(None, config.admission_percent)
-        self.agents = {}
-        self.models = {}
-        self.measured = MeasuredCache(os.path.join(config.state_dir, "measured.json")
-                                      if config.state_dir else "")
-        self.journal = Journal(os.path.join(config.state_dir, "journal.json")
-                               if config.state_dir else "")
-        self.lost = {}                      # agent -> why it could not be restored
-        self.client = None
+        state = config.state_dir
+        self.lock = StateLock(state) if state else None
+        measured = MeasuredCache(os.path.join(state, "measured.json") if state else "")
+        self.core = Core(config, lambda model, spec, kind: estimate(
+            model, spec, config.table, kind, measured, model_dirs=config.model_dirs),
+            measured, Journal(os.path.join(state, "journal.json") if state else ""),
+            started=time.time())
         self.wsock = make_socket(self.ctx, zmq.ROUTER, config.worker_endpoint, bind=True)
-        self.worker = WorkerLink(self.wsock, config.heartbeat_s, config.liveness,
-                                 config.queue_depth)
-        self.started = time.time()
+        self.worker = WorkerProcess(config.worker)
+        self.widentity = None
+        self.client = self.outbox = self.auth = None
         self.stop = False
-        self.counters = {"requests": 0, "errors": 0}
-        self.handlers = {"HELP": self.on_help, "STATUS": self.on_status, "LIST": self.on_list,
-                         "REGISTER": self.on_register, "UNREGISTER": self.on_unregister,
-                         "DECODE": self.on_decode, "CANCEL": self.on_cancel}
-        self.requests = {}                  # (agent, request id) -> the DECODE's Job
-        self._status_cache = None           # STATUS packed once per state change
-        self._backoff = 1.0
+        self._status = (None, None)          # (revision, CachedReply)
         self._respawn_at = None
-        self.auth = None
-        self._init_liveset()
+        self._slow = set()
 
-    # -- start-up and the loop ----------------------------------------------------------
+    # -- start-up ------------------------------------------------------------------------
 
     def start(self):
-        """Start (or wait for) the worker, learn the device size, then bind the client side."""
+        """Start (or wait for) the worker, let the core adopt it, then bind the client side."""
         if self.config.spawn_worker:
-            self.worker.spawn(self.config.worker_endpoint, self.config.worker_args)
+            self.worker.spawn()
         deadline = time.monotonic() + self.config.worker_start_timeout
-        while self.worker.state != "ready":
+        while self.core.worker.state != "ready":
             if self.stop:
                 raise RuntimeError("stopped before the worker was ready")
-            if self.worker.process_exited():
+            if self.worker.exited():
                 raise RuntimeError(f"worker exited with {self.worker.proc.returncode} "
                                    "before it was ready")
             if time.monotonic() > deadline:
@@ -126,66 +155,46 @@ class Broker(AdmissionMixin, LiveSetMixin, RecoveryMixin, ViewsMixin):
                                    f"{self.config.worker_start_timeout:g} s")
             if self.wsock.poll(200):
                 self._on_worker(self.wsock.recv_multipart())
-        self._adopt_device()
-        self._replay_journal()
         refuse_if_served(self.config.endpoint)
         access.prepare_ipc(self.config.endpoint)
         self.client = make_socket(self.ctx, zmq.ROUTER, self.config.endpoint, bind=True,
                                   setup=self._secure)
+        self.client.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.outbox = Outbox(self.client)
         access.lock_down_ipc(self.config.endpoint)
+        led = self.core.ledger
         log.info("broker: serving %s (cap %s of %s)", self.config.endpoint,
-                 cfg.format_size(self.ledger.max_bytes),
-                 cfg.format_size(self.ledger.total_bytes))
+                 cfg.format_size(led.max_bytes), cfg.format_size(led.total_bytes))
 
     def _secure(self, sock):
         """CURVE for tcp endpoints (refuses to start without keys); nothing for ipc."""
         self.auth = access.secure_tcp(self.ctx, sock, self.config.endpoint,
                                       self.config.curve_secret_key, self.config.curve_clients)
 
-    def _adopt_device(self):
-        """Set the ledger's total from the worker (NVML, or the declared size on CPU)."""
-        dev = self.worker.device
-        self.ledger.set_total(dev["total_bytes"])
-        overhead = self.config.worker_overhead
-        if overhead is None:
-            # The worker creates its CUDA context before READY, so its NVML reading is the
-            # overhead; cuBLAS and pools grow later and are reconciled upwards.
-            overhead = CUDA_OVERHEAD if dev.get("kind") == "cuda" else 0
-            if dev.get("kind") == "cuda" and dev.get("process_bytes"):
-                overhead = max(dev["process_bytes"], overhead)
-        if overhead:
-            self.ledger.force("worker:overhead", overhead)
-        self._overhead_estimated = self.config.worker_overhead is None
-        self._read_external(dev)
-
-    def _read_external(self, dev):
-        """Memory other processes hold on the device lowers the cap (never evicts anyone)."""
-        used, own = dev.get("used_bytes"), dev.get("process_bytes")
-        if used is not None:
-            self.ledger.set_external(used - (own or 0), self.config.others_margin)
+    # -- the loop ------------------------------------------------------------------------
 
     def run(self):
         """Serve until stop is set (by a signal handler or a test)."""
         poller = zmq.Poller()
         poller.register(self.client, zmq.POLLIN)
         poller.register(self.wsock, zmq.POLLIN)
-        next_beat = time.monotonic()
+        next_beat = next_tick = time.monotonic()
         while not self.stop:
-            events = dict(poller.poll(int(self.config.heartbeat_s * 1000 / 2)))
+            wait = TICK_S if self.outbox.pending else self.config.heartbeat_s / 2
+            events = dict(poller.poll(int(wait * 1000)))
             if self.wsock in events:
                 self._drain(self.wsock, self._on_worker)
             if self.client in events:
                 self._drain(self.client, self._on_client)
             now = time.monotonic()
-            for job in self.worker.expire(now):
-                self._status_cache = None
-                job.done(LmxError(Code.DEADLINE, "the deadline passed while the request was "
-                                  "queued").fields())
-            self._expire_waiting(now)
+            if now >= next_tick:
+                self._dispatch(Tick(now, time.time()))
+                next_tick = now + TICK_S
             if now >= next_beat:
-                self.worker.heartbeat()
+                self._to_worker(protocol.encode_request("HEARTBEAT", 0))
                 next_beat = now + self.config.heartbeat_s
-            self._check_worker(now)
+            self._watch_worker(now)
+            self.outbox.flush()
         self.close()
 
     @staticmethod
@@ -197,67 +206,131 @@ class Broker(AdmissionMixin, LiveSetMixin, RecoveryMixin, ViewsMixin):
                 return
             handler(frames)
 
+    def _watch_worker(self, now):
+        """The worker process exiting is an event; so is the time to start a new one."""
+        state = self.core.worker.state
+        if state in ("ready", "starting") and self.worker.exited():
+            self._dispatch(WorkerLost("exited" if state == "ready" else "exited while "
+                                      "starting", now))
+        if self._respawn_at is not None and now >= self._respawn_at:
+            self._respawn_at = None
+            self.core.worker.state = "starting"
+            self.worker.spawn()
+
     def close(self):
-        """Stop the worker and close the sockets."""
-        self.worker.stop()
-        if self.client is not None:
-            self.client.close()
+        """Stop the worker, close the sockets, release the state directory."""
+        if self.widentity is not None:
+            self._to_worker(protocol.encode_request("SHUTDOWN", 0))
+        self.worker.wait(10.0)
+        for sock in (self.client, self.wsock):
+            if sock is not None:
+                sock.close()
         if self.auth is not None:
             self.auth.stop()
-        self.wsock.close()
+        if self.lock is not None:
+            self.lock.release()
 
-    # -- clients ------------------------------------------------------------------------
-
-    def _send(self, identity, msg_id, fields):
-        """Every reply to a client goes through here."""
-        if fields.get("status") == "error":
-            self.counters["errors"] += 1
-        self.client.send_multipart([identity, *protocol.encode_reply(msg_id, **fields)])
+    # -- events in -----------------------------------------------------------------------
 
     def _on_client(self, frames):
         identity, body = frames[0], frames[1:]
-        self.counters["requests"] += 1
         try:
             msg = protocol.decode_message(body, protocol.CLIENT_VERBS,
                                           self.config.max_frame_bytes)
         except LmxError as err:
             log.warning("protocol: %s", err)
-            self._send(identity, err.msg_id, err.fields())
+            self.core.counters["requests"] += 1
+            self.core.counters["errors"] += 1
+            self._reply(identity, err.msg_id, err.fields())
             return
-        if msg.verb not in READ_ONLY:
-            self._status_cache = None
-        try:
-            reply = self.handlers[msg.verb](identity, msg)
-        except LmxError as err:
-            reply = err.fields()
-        except Exception as exc:  # a handler bug must never kill the loop
-            log.exception("broker: %s handler failed", msg.verb)
-            reply = LmxError(Code.INTERNAL, f"{msg.verb} failed: {exc}").fields()
-        if reply is not None:
-            self._send(identity, msg.id, reply)
+        self._dispatch(ClientRequest(identity, msg.id, msg.verb, msg.fields, time.monotonic(),
+                                     time.time()))
 
     def _on_worker(self, frames):
         identity, body = frames[0], frames[1:]
-        self._status_cache = None           # any worker message may change what STATUS shows
         try:
             msg = protocol.decode_message(body, protocol.WORKER_EVENTS, max_bytes=None)
         except LmxError as err:
             log.error("worker: bad frame: %s", err)
             return
-        was_ready = self.worker.state == "ready"
-        finished = self.worker.on_message(identity, msg, time.monotonic())
-        if msg.verb == "HEARTBEAT" and msg.fields.get("device"):
-            self._read_external(msg.fields["device"])
-        if msg.verb == "READY" and self.worker.state == "ready" and not was_ready:
-            self._adopt_device()
-            self._backoff = 1.0
-            self._restore_agents()
-        if finished is not None:
-            job, result = finished
-            try:
-                job.done(result)
-                self._reconcile_overhead(self.worker.engine)
-            except Exception:  # a callback bug must never kill the loop
-                log.exception("broker: %s result handling failed", job.verb)
-            self._retry_waiting()
-        self.worker.pump(time.monotonic())
+        now, f = time.monotonic(), msg.fields
+        if msg.verb == "READY":
+            if self.core.worker.state == "ready" and identity != self.widentity:
+                log.error("worker: second worker pid=%s refused; one worker per broker",
+                          f["pid"])
+                self.wsock.send_multipart([identity, *protocol.encode_request("SHUTDOWN", 0)])
+                return
+            self.widentity = identity
+            streaming = f.get("streaming") or f["device"].get("streaming") or {}
+            self._dispatch(WorkerReady(f["pid"], DeviceReading.from_wire(f["device"]), now,
+                                       StreamingInfo.from_wire(streaming)))
+        elif identity != self.widentity:
+            return
+        elif msg.verb == "RESULT":
+            self._dispatch(WorkerResult(msg.id, Result.from_wire(f), now, time.time()))
+        elif msg.verb == "TOKEN":
+            self._dispatch(WorkerToken(msg.id, f["index"], f["token"], f["text"], now))
+        else:
+            device = f.get("device")
+            self._dispatch(WorkerHeartbeat(DeviceReading.from_wire(device) if device else
+                                           None, now))
+
+    def _dispatch(self, event):
+        try:
+            actions = self.core.handle(event)
+        except Exception:  # a core bug must never kill the loop
+            log.exception("broker: the core failed on %s", type(event).__name__)
+            return
+        for action in actions:
+            self._carry_out(action)
+
+    # -- actions out ---------------------------------------------------------------------
+
+    def _carry_out(self, action):
+        kind = type(action)
+        if kind is Reply:
+            if action.fields is None:
+                self._reply_status(action)
+            else:
+                self._reply(action.identity, action.msg_id, action.fields)
+        elif kind is SendJob:
+            self._to_worker(protocol.encode_request(action.verb, action.job_id,
+                                                    **action.fields))
+        elif kind is CancelJob:
+            self._to_worker(protocol.encode_request("CANCEL", 0, job=action.job_id))
+        elif kind is Log:
+            log.log(logging.getLevelName(action.level.upper()) if action.level != "exception"
+                    else logging.ERROR, "%s", action.text)
+        elif kind is KillWorker:
+            log.error("worker: %s; killing pid %s", action.why, self.core.worker.pid)
+            self.worker.kill()
+        elif kind is SpawnWorker:
+            self.widentity = None
+            self._respawn_at = time.monotonic() + action.delay_s
+
+    def _reply(self, identity, msg_id, fields):
+        """Every reply to a client goes through here (and its outbox)."""
+        self._send_client(identity, protocol.encode_reply(msg_id, **fields))
+
+    def _reply_status(self, action):
+        rev, cached = self._status
+        if rev != action.status_rev:
+            cached = protocol.CachedReply(self.core.status_fields())
+            self._status = (action.status_rev, cached)
+        self._send_client(action.identity, cached.frames(action.msg_id,
+                                                         **self.core.status_dynamic()))
+
+    def _send_client(self, identity, frames):
+        if self.outbox is None:
+            return
+        if self.outbox.send(identity, frames):
+            if identity not in self._slow:
+                self._slow.add(identity)
+                self._dispatch(ClientSlow(identity, time.monotonic()))
+        else:
+            self._slow.discard(identity)
+
+    def _to_worker(self, frames):
+        """Every frame to the worker goes through here."""
+        if self.widentity is not None:
+            self.wsock.send_multipart([self.widentity, *frames])

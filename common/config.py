@@ -1,14 +1,17 @@
-"""Configuration shared by the broker and the worker: sizes, the model table, defaults."""
+"""Configuration shared by the broker and the worker: sizes, the model table, defaults, and
+the worker's configuration (WorkerConfig: what the broker starts lmx-worker with)."""
+import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Optional
 
 DEFAULT_ENDPOINT = f"ipc:///tmp/lmx-{os.getuid()}/lmx.sock"   # a private (0700) directory
 DEFAULT_VRAM_TOTAL = 8 << 30           # the embedded default: a CPU worker with a declared 8 GiB
 DEFAULT_ADMISSION_PERCENT = 90
 DEFAULT_N_CTX = 2048
-MAX_N_CTX = 1 << 20
+MAX_N_CTX = 1 << 20                   # the largest n_ctx an agent may ask for (ctxspec.py)
 MAX_N_PREDICT = 4096
 MAX_PROMPT_BYTES = 256 << 10
 DEFAULT_QUEUE_DEPTH = 256
@@ -78,3 +81,44 @@ def default_threads():
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class WorkerConfig:
+    """Everything lmx-worker is started with: the broker passes it whole as
+    ``--config JSON`` (``argv()``); the worker's individual options take their defaults from
+    these fields and override them when given on the command line."""
+
+    broker: str = ""                      # the broker's worker endpoint
+    gpu_index: int = 0                    # NVML index of the GPU
+    force_cpu: bool = False               # run llama.cpp on the CPU even if a GPU is present
+    threads: Optional[int] = None         # llama.cpp threads; None: the cores this process may use
+    vram_total: Optional[int] = None      # declared device bytes (CPU: the size; GPU: a cap)
+    simulate_others: Optional[str] = None  # CPU only: file with the bytes "other processes" hold
+    heartbeat_s: float = DEFAULT_HEARTBEAT_S
+    liveness: int = DEFAULT_LIVENESS      # silent intervals before the broker is declared gone
+    max_batch: int = 8                    # agents per shared context (one llama_decode batch)
+    quantum: int = 4                      # batched steps a group runs per turn
+    park_dir: Optional[str] = None        # parked state files (None: host memory only)
+    log_level: str = "INFO"
+
+    def to_json(self):
+        """The configuration as one JSON object (what --config takes)."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text):
+        """Parse to_json()'s output; fields left out keep their defaults. ValueError on
+        anything that is not a JSON object of known fields."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("worker config must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown worker config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def argv(self):
+        """lmx-worker's arguments for exactly this configuration."""
+        return ["--config", self.to_json()]

@@ -6,12 +6,20 @@ last token's logits are kept (`n_outputs_max` 1), every layer offloaded on a GPU
 """
 from dataclasses import asdict, dataclass, fields
 
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from lmx.common.config import MAX_N_CTX  # noqa: F401  -- re-exported: callers import it here
 from lmx.common.errors import Code, LmxError, Reason
 
-# KV cache types: GGML type id and bytes for a row of n elements (block size, block bytes).
-KV_TYPES = {"f32": (0, 1, 4), "f16": (1, 1, 2), "bf16": (30, 1, 2), "q8_0": (8, 32, 34),
-            "q4_0": (2, 32, 18), "q4_1": (3, 32, 20), "q5_0": (6, 32, 22), "q5_1": (7, 32, 24)}
-MAX_N_CTX = 1 << 20
+
+def _kv_type(name):
+    qtype = GGMLQuantizationType[name.upper()]
+    return (int(qtype), *GGML_QUANT_SIZES[qtype])
+
+
+# KV cache types: name -> (GGML type id, block elements, block bytes), from the gguf package.
+KV_TYPES = {name: _kv_type(name)
+            for name in ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")}
 
 
 def kv_row_bytes(kv_type, n):

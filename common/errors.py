@@ -18,6 +18,9 @@ class Code:
     AGENT_EXISTS = "AGENT_EXISTS"
     UNKNOWN_AGENT = "UNKNOWN_AGENT"
     AGENT_LOST = "AGENT_LOST"              # registered once, but could not be restored
+    STATE_LOST = "STATE_LOST"              # the agent's saved KV state could not be restored;
+                                           # its conversation was reset (an expected restore
+                                           # failure, not a bug)
     CONTEXT_FULL = "CONTEXT_FULL"          # prompt + n_predict would overflow the agent's n_ctx
     BUSY = "BUSY"                          # request queue full; carries queue_depth
     CANCELLED = "CANCELLED"                # a queued DECODE dropped by CANCEL
@@ -46,12 +49,12 @@ class Reason:
     PROMPT_TOKENS = "PROMPT_TOKENS"        # LIMIT
     AGENTS_PER_CLIENT = "AGENTS_PER_CLIENT"
     PARK_BUDGET = "PARK_BUDGET"            # LIMIT: parked state past the host-memory budget
-    LIVE_BUSY = "LIVE_BUSY"                # VRAM_LEDGER_DENY: room only if busy agents parked
     OUTSIDE_MODEL_DIRS = "OUTSIDE_MODEL_DIRS"  # FORBIDDEN
     MISSING_FIELD = "MISSING_FIELD"        # BAD_REQUEST
     BAD_TYPE = "BAD_TYPE"
     BAD_VALUE = "BAD_VALUE"
-    NONE = ""
+    SLOW_READER = "SLOW_READER"            # CANCELLED: a streaming client read too slowly; its
+                                           # request was stopped
 
 
 class LmxError(Exception):

@@ -13,7 +13,7 @@ from lmx.common.config import DEFAULT_ENDPOINT
 
 # DECODE's fields in the order a person reads them; the text comes last.
 DECODE_ORDER = ("agent", "prompt_tokens", "generated_tokens", "stopped_on_eos", "stopped_by",
-                "elapsed_ms", "kv_swap_evicted", "kv_swap_restored")
+                "elapsed_ms", "kv_swap_evicted", "kv_swap_parked", "kv_swap_restored")
 HIDDEN = {"v", "id", "tokens", "context_measured", "buffers"}  # in --json only
 
 

@@ -14,9 +14,26 @@ Every message is exactly one frame, ``body``, a msgpack map::
     error     {"v": [1, 0], "id": 7, "status": "error", "code": "VRAM_LEDGER_DENY",
                "reason": "CAP", "message": "...", ...numbers}
 
-``v`` is the protocol version (not the package version); a different major version gets a
-``BAD_VERSION`` error. ``id`` (int or short string) is chosen by the sender and echoed in the
-reply. Unknown extra fields are ignored, so minor versions can add fields.
+Envelope rules, checked by ``decode_message`` in this order:
+
+- The body must be one frame (else ``BAD_FRAME``) of at most ``max_bytes`` (else
+  ``FRAME_TOO_LARGE``) holding a msgpack map (else ``BAD_FRAME``).
+- ``v`` is required: the protocol version (not the package version) as ``[major, minor]``
+  ints. Anything else, or another major version, gets ``BAD_VERSION``; a newer minor is
+  accepted.
+- ``id`` is required: an int or a string of 1-64 characters, chosen by the sender and echoed
+  in the reply (missing: ``BAD_REQUEST/MISSING_FIELD``, anything else:
+  ``BAD_REQUEST/BAD_TYPE``, both with ``field: "id"``). Every error reply carries the id
+  whenever it could be read, including ``BAD_FRAME`` (a map with an id followed by extra
+  frames, or cut short after its id) and ``FRAME_TOO_LARGE`` (the id is picked out of the
+  oversized body without decoding the rest).
+- ``verb`` is required and case-insensitive (``decode`` means ``DECODE``): missing gets
+  ``BAD_REQUEST/MISSING_FIELD``, not a string ``BAD_REQUEST/BAD_TYPE`` (``field: "verb"``),
+  a string not in the table ``UNKNOWN_VERB``.
+- Each verb's fields are then checked for presence and type (``BAD_REQUEST`` with
+  ``MISSING_FIELD`` or ``BAD_TYPE`` and ``field``); for client verbs every ``agent`` field must
+  also be a valid agent id (``AGENT_ID_RULE``, else ``BAD_REQUEST/BAD_VALUE``). Unknown extra
+  fields are ignored, so minor versions can add fields.
 
 Broker and worker speak the same shape: the broker sends jobs as requests (verbs REGISTER,
 UNREGISTER, DECODE, HEARTBEAT, SHUTDOWN, and CANCEL out of band); the worker sends READY,
@@ -26,11 +43,18 @@ job id and the reply fields (``status`` and the rest). A streaming DECODE gets a
 """
 import msgpack
 
+from lmx.common.config import AGENT_ID_RE
 from lmx.common.errors import Code, LmxError, Reason
 
 PROTOCOL_VERSION = (1, 0)
 DEFAULT_MAX_FRAME_BYTES = 1 << 20
 MAX_ID_LEN = 64
+MAX_SHOWN_CHARS = 64        # error messages quote at most this much of a client's string
+ID_SCAN_MAX_KEYS = 256      # entries looked at when picking the id out of a rejected body
+
+# The agent id rule, in words: the one text every "bad agent id" message uses.
+AGENT_ID_RULE = ("1-64 characters of letters, digits and _.:- starting with a letter or "
+                 "digit")
 
 
 class Field:
@@ -61,7 +85,7 @@ WORKER_JOBS = {
     "REGISTER": {"agent": Field(str), "path": Field(str), "spec": Field(dict),
                  "resume": Field(bool, False)},
     "UNREGISTER": {"agent": Field(str)},
-    "PARK": {"agent": Field(str)},              # save its sequence to host memory or disk
+    "PARK": {"agent": Field(str), "ram_bytes": Field(int), "disk": Field(bool)},              # save its sequence to host memory or disk
     "DECODE": {"agent": Field(str), "prompt": Field(str), "n_predict": Field(int),
                "max_prompt_tokens": Field(int, False), "stream": Field(bool, False),
                "deadline_ms": Field(int, False)},
@@ -72,7 +96,7 @@ WORKER_JOBS = {
 
 # Worker -> broker messages.
 WORKER_EVENTS = {
-    "READY": {"pid": Field(int), "device": Field(dict)},
+    "READY": {"pid": Field(int), "device": Field(dict), "streaming": Field(dict, False)},
     "HEARTBEAT": {"device": Field(dict, False)},
     "RESULT": {"status": Field(str)},
     "TOKEN": {"index": Field(int), "token": Field(int), "text": Field(str)},
@@ -157,6 +181,76 @@ def encode_error(msg_id, err):
     return encode_reply(msg_id, **err.fields())
 
 
+def _valid_id(value):
+    """Whether value may serve as a message id: an int (not a bool) or a 1-64 char string."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, str) and 0 < len(value) <= MAX_ID_LEN)
+
+
+def shown(value):
+    """repr() of a client-supplied string, cut to its first MAX_SHOWN_CHARS characters."""
+    if isinstance(value, str) and len(value) > MAX_SHOWN_CHARS:
+        return f"{value[:MAX_SHOWN_CHARS] + '…'!r} ({len(value)} chars)"
+    return repr(value)
+
+
+def check_agent_id(agent, field="agent"):
+    """Return agent if it is a valid agent id; else raise BAD_REQUEST/BAD_VALUE for field."""
+    if isinstance(agent, str) and AGENT_ID_RE.fullmatch(agent):
+        return agent
+    raise LmxError(Code.BAD_REQUEST, f"agent id {shown(agent)} must be {AGENT_ID_RULE}",
+                   Reason.BAD_VALUE, field=field)
+
+
+# Checks on a field's value after its type, by field name; applied to client verbs.
+VALUE_CHECKS = {"agent": check_agent_id}
+
+_FIXSTR = range(0xa0, 0xc0)
+_INTS = frozenset(range(0x00, 0x80)) | frozenset(range(0xe0, 0x100)) | \
+    frozenset(range(0xcc, 0xd4))
+_STR_LEN_BYTES = {0xd9: 1, 0xda: 2, 0xdb: 4}    # str8/16/32: size of the length field
+
+
+def _short_str_at(raw, pos, limit):
+    """Whether raw[pos] starts a msgpack str of at most limit bytes."""
+    head = raw[pos]
+    if head in _FIXSTR:
+        return head - 0xa0 <= limit
+    size = _STR_LEN_BYTES.get(head)
+    return size is not None and int.from_bytes(raw[pos + 1:pos + 1 + size], "big") <= limit
+
+
+def _peek_id(raw):
+    """Best effort: the id of a msgpack map body that will not be decoded (too large, extra
+    frames, malformed after the id). Reads entry by entry with msgpack.Unpacker, building only
+    short string keys and the id itself and skipping every other value, for at most
+    ID_SCAN_MAX_KEYS entries. Returns None when no valid id is found; never raises."""
+    try:
+        raw = raw if isinstance(raw, bytes) else bytes(raw)
+        unpacker = msgpack.Unpacker(raw=True, max_buffer_size=max(len(raw), 1))
+        unpacker.feed(raw)
+        for _ in range(min(unpacker.read_map_header(), ID_SCAN_MAX_KEYS)):
+            if _short_str_at(raw, unpacker.tell(), 2):
+                key = unpacker.unpack()
+            else:
+                unpacker.skip()
+                key = None
+            if key != b"id":
+                unpacker.skip()
+                continue
+            pos = unpacker.tell()
+            if not (raw[pos] in _INTS or _short_str_at(raw, pos, 4 * MAX_ID_LEN)):
+                return None     # an id that cannot be valid: don't build it
+            value = unpacker.unpack()
+            if isinstance(value, bytes):
+                value = value.decode("utf-8")
+            return value if _valid_id(value) else None
+    except Exception:  # a best-effort read: any malformation just means "no id"
+        return None
+    return None
+
+
 def _unpack(frames, max_bytes):
     """One body frame -> dict, or LmxError(BAD_FRAME/FRAME_TOO_LARGE)."""
     if len(frames) != 1:
@@ -176,12 +270,23 @@ def _unpack(frames, max_bytes):
 
 def _check_id(body):
     msg_id = body.get("id")
-    ok = isinstance(msg_id, int) and not isinstance(msg_id, bool) or (
-        isinstance(msg_id, str) and 0 < len(msg_id) <= MAX_ID_LEN)
-    if not ok:
+    if not _valid_id(msg_id):
         raise LmxError(Code.BAD_REQUEST, "field 'id' must be an int or a string of 1-64 chars",
-                       Reason.MISSING_FIELD if msg_id is None else Reason.BAD_TYPE)
+                       Reason.MISSING_FIELD if msg_id is None else Reason.BAD_TYPE, field="id")
     return msg_id
+
+
+def _check_verb(body, verbs):
+    verb = body.get("verb")
+    if verb is None:
+        raise LmxError(Code.BAD_REQUEST, "field 'verb' is required", Reason.MISSING_FIELD,
+                       field="verb")
+    if not isinstance(verb, str):
+        raise LmxError(Code.BAD_REQUEST, f"field 'verb' must be str, got {type(verb).__name__}",
+                       Reason.BAD_TYPE, field="verb")
+    if verb.upper() not in verbs:
+        raise LmxError(Code.UNKNOWN_VERB, f"unknown verb {shown(verb)}", known=sorted(verbs))
+    return verb.upper()
 
 
 def _check_version(body):
@@ -194,7 +299,7 @@ def _check_version(body):
                        expected=list(PROTOCOL_VERSION), got=list(v))
 
 
-def _check_fields(verb, body, schema):
+def _check_fields(verb, body, schema, checks=None):
     fields = {}
     for name, spec in schema.items():
         if name not in body or body[name] is None:
@@ -208,25 +313,34 @@ def _check_fields(verb, body, schema):
             want = "/".join(t.__name__ for t in spec.types)
             raise LmxError(Code.BAD_REQUEST, f"field '{name}' must be {want}",
                            Reason.BAD_TYPE, field=name)
+        if checks and name in checks:
+            checks[name](value, field=name)
         fields[name] = value
     return fields
 
 
-def decode_message(frames, verbs, max_bytes=DEFAULT_MAX_FRAME_BYTES):
-    """Parse and validate one message against a verb table; raise LmxError with .msg_id set."""
+def decode_message(frames, verbs, max_bytes=DEFAULT_MAX_FRAME_BYTES, client=None):
+    """Parse and validate one message against a verb table; raise LmxError with .msg_id set
+    (None when no valid id could be read). client: apply VALUE_CHECKS (agent ids); by
+    default only when verbs is CLIENT_VERBS."""
+    if client is None:
+        client = verbs is CLIENT_VERBS
     msg_id = None
     try:
-        body = _unpack(frames, max_bytes)
-        msg_id = body.get("id") if isinstance(body.get("id"), (int, str)) else None
+        try:
+            body = _unpack(frames, max_bytes)
+        except LmxError:
+            if len(frames) >= 1 and isinstance(frames[0], (bytes, bytearray, memoryview)):
+                msg_id = _peek_id(frames[0])
+            raise
+        msg_id = body.get("id") if _valid_id(body.get("id")) else None
         _check_version(body)
         msg_id = _check_id(body)
-        verb = body.get("verb")
-        if not isinstance(verb, str) or verb.upper() not in verbs:
-            raise LmxError(Code.UNKNOWN_VERB, f"unknown verb {verb!r}",
-                           known=sorted(verbs))
-        verb = verb.upper()
-        return Message(verb, msg_id, _check_fields(verb, body, verbs[verb]) if verb != "RESULT"
-                       else _result_fields(body))
+        verb = _check_verb(body, verbs)
+        if verb == "RESULT":
+            return Message(verb, msg_id, _result_fields(body))
+        return Message(verb, msg_id, _check_fields(verb, body, verbs[verb],
+                                                   VALUE_CHECKS if client else None))
     except LmxError as err:
         err.msg_id = msg_id
         raise

@@ -122,3 +122,34 @@ def test_quantized_kv_needs_head_sizes_its_block_divides(tmp_path, smol_path):
         est.estimate(str(path), ContextSpec(type_k="q8_0", type_v="q8_0"), {})
     assert info.value.code == Code.BAD_REQUEST and info.value.details["field"] == "type_k"
     assert est.estimate(str(path), ContextSpec(), {}).context > 0
+
+
+def test_worker_config_round_trips_through_json():
+    from lmx.common.config import WorkerConfig
+    cfg = WorkerConfig(broker="ipc:///tmp/x.sock", threads=3, vram_total=1 << 30,
+                       park_dir="/tmp/p", heartbeat_s=0.5, force_cpu=True)
+    assert WorkerConfig.from_json(cfg.to_json()) == cfg
+    assert cfg.argv() == ["--config", cfg.to_json()]
+    assert WorkerConfig.from_json("{}") == WorkerConfig()
+    for bad in ('{"park_ram": 1}', "[1]", "not json"):
+        with pytest.raises(ValueError):
+            WorkerConfig.from_json(bad)
+
+
+def test_worker_options_default_to_the_config_and_override_it(monkeypatch):
+    """lmx-worker --config JSON: options given on the command line win; the others come
+    from the JSON, or from WorkerConfig's defaults without one."""
+    from lmx.common.config import WorkerConfig
+    from lmx.worker import main as worker_main
+    seen = []
+    monkeypatch.setattr(worker_main, "serve", seen.append)
+    base = WorkerConfig(broker="ipc:///tmp/b.sock", quantum=7, max_batch=2, threads=5)
+    worker_main.main.main(base.argv() + ["--quantum", "9", "--cpu", "--vram-total", "1GiB"],
+                          standalone_mode=False)
+    assert seen[-1] == WorkerConfig(broker="ipc:///tmp/b.sock", quantum=9, max_batch=2,
+                                    threads=5, force_cpu=True, vram_total=1 << 30)
+    worker_main.main.main(["--broker", "ipc:///tmp/c.sock"], standalone_mode=False)
+    assert seen[-1] == WorkerConfig(broker="ipc:///tmp/c.sock")
+    import click
+    with pytest.raises(click.UsageError):
+        worker_main.main.main([], standalone_mode=False)

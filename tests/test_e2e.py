@@ -39,9 +39,13 @@ def test_the_walk(broker_factory, table):
             assert r["status"] == "ok" and r["generated_tokens"] > 0 and r["text"]
             assert r["prompt_tokens"] > 0 and r["elapsed_ms"] > 0
             assert isinstance(r["stopped_on_eos"], bool)
-        assert (first["kv_swap_evicted"], first["kv_swap_restored"]) == (None, False)
-        assert (second["kv_swap_evicted"], second["kv_swap_restored"]) == ("smol", False)
-        assert (third["kv_swap_evicted"], third["kv_swap_restored"]) == ("gemma", True)
+        # every agent parked for a request is listed; kv_swap_evicted is the first of them
+        # (gemma, registered but never run, is parked with nothing to keep for smol's first)
+        assert (first["kv_swap_parked"], first["kv_swap_restored"]) == (["gemma"], False)
+        assert (second["kv_swap_parked"], second["kv_swap_restored"]) == (["smol"], False)
+        assert (third["kv_swap_parked"], third["kv_swap_restored"]) == (["gemma"], True)
+        assert [r["kv_swap_evicted"] for r in (first, second, third)] == [
+            "gemma", "smol", "gemma"]
         assert "Paris" in second["text"] or "France" in second["text"]
 
         # An uninterrupted run of smol's conversation gives the same greedy tokens.

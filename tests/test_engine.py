@@ -3,7 +3,10 @@ import pytest
 
 from lmx.common.ctxspec import ContextSpec
 from lmx.common.errors import Code, LmxError, Reason
+from lmx.common.jobs import DecodeResult, ParkResult, UnregisterResult
 from ggufs import write_unknown_arch
+
+BIG = 1 << 40       # a ram_bytes any parked state fits
 
 
 @pytest.fixture(scope="module")
@@ -15,11 +18,12 @@ def engine():
 
 
 def test_models_are_shared_by_refcount(engine, smol_path):
-    assert engine.register("a", smol_path, ContextSpec(n_ctx=512))["model_loaded"] is True
+    first = engine.register("a", smol_path, ContextSpec(n_ctx=512))
+    assert first.model_loaded is True and first.model_measured.device_bytes > 0
     again = engine.register("b", smol_path, ContextSpec(n_ctx=512))
-    assert again["model_loaded"] is False and again["model_refs"] == 2
-    assert engine.unregister("a") == {"model_freed": False}
-    assert engine.unregister("b") == {"model_freed": True}
+    assert again.model_loaded is False and again.model_refs == 2
+    assert engine.unregister("a") == UnregisterResult(model_freed=False)
+    assert engine.unregister("b") == UnregisterResult(model_freed=True)
     assert engine.models == {} and engine.slots == {}
 
 
@@ -38,28 +42,32 @@ def test_swap_and_restore_is_exact(engine, smol_path, gemma_path):
     engine.register("ref", smol_path, ContextSpec(n_ctx=1024, n_batch=256))  # not s's group
     try:
         first = engine.decode("s", "Hello, my name is", 16)
-        assert first["kv_swap_evicted"] is None and not first["kv_swap_restored"]
-        assert first["context_measured"]["device_bytes"] > 0     # built for s alone
-        assert engine.park("s") == {"parked": "ram", "parked_bytes": engine.slots[
-            "s"].parked_bytes}
-        assert engine.summary()["slots"]["s"]["parked_bytes"] > 0
-        assert engine.summary()["live_agents"] == []
+        assert isinstance(first, DecodeResult) and not first.kv_swap_restored
+        assert first.context_measured.device_bytes > 0     # built for s alone
+        assert engine.slot_state("s").n_past == first.n_past and engine.slot_state("s").live
+        assert engine.park("s", BIG, False) == ParkResult("ram", engine.slots["s"].parked_bytes)
+        state = engine.slot_state("s")
+        assert state.parked == "ram" and state.parked_bytes > 0 and not state.live
+        assert state.n_past == first.n_past and state.parks == 1
+        assert engine.summary().live_agents == []
+        assert engine.summary().parked_ram_bytes == state.parked_bytes
         other = engine.decode("g", "The capital of France is", 8)
-        assert engine.park("g")["parked"] == "ram"      # Gemma: sliding-window KV as well
+        assert engine.park("g", BIG, False).parked == "ram"   # Gemma: sliding-window KV too
         resumed = engine.decode("s", "The weather today is", 16)
-        assert resumed["kv_swap_restored"] is True
+        assert resumed.kv_swap_restored is True
         again = engine.decode("g", "and the capital of Italy is", 8)
-        assert again["kv_swap_restored"] is True
+        assert again.kv_swap_restored is True
         # The same conversations with no park in between.
         ref1 = engine.decode("ref", "Hello, my name is", 16)
         ref2 = engine.decode("ref", "The weather today is", 16)
-        assert ref1["tokens"] == first["tokens"]
-        assert ref2["tokens"] == resumed["tokens"] and ref2["text"] == resumed["text"]
-        assert not ref2["kv_swap_restored"]
+        assert ref1.tokens == first.tokens
+        assert ref2.tokens == resumed.tokens and ref2.text == resumed.text
+        assert not ref2.kv_swap_restored
         engine.unregister("s")
+        assert engine.slot_state("s") is None
         engine.register("s", gemma_path, ContextSpec(n_ctx=1024))
-        assert engine.decode("s", "The capital of France is", 8)["tokens"] == other["tokens"]
-        assert engine.decode("s", "and the capital of Italy is", 8)["tokens"] == again["tokens"]
+        assert engine.decode("s", "The capital of France is", 8).tokens == other.tokens
+        assert engine.decode("s", "and the capital of Italy is", 8).tokens == again.tokens
     finally:
         for agent in ("s", "g", "ref"):
             engine.unregister(agent)
@@ -73,7 +81,7 @@ def test_context_full_is_refused_before_any_work(engine, smol_path):
             engine.decode("c", "Hello " * 40, 40)
         assert info.value.code == Code.CONTEXT_FULL
         assert engine.slots["c"].group is None and engine.slots["c"].pending == []
-        assert engine.decode("c", "Hi", 4)["generated_tokens"] >= 1
+        assert engine.decode("c", "Hi", 4).generated_tokens >= 1
     finally:
         engine.unregister("c")
 
@@ -93,32 +101,38 @@ def _run_together(eng, agents, prompts, n):
     return {r.agent: r.result for r in done}
 
 
-def test_batched_agents_match_solo_and_park_under_a_small_budget(smol_path, tmp_path):
-    """4 agents in one batch: each equals its solo run; parking past a 600 KiB host budget
-    spills to disk, and both kinds of parked state restore exactly."""
+def _parked_in(eng):
+    return {a: eng.slot_state(a).parked for a in eng.slots}
+
+
+def test_batched_agents_match_solo_and_park_to_ram_or_disk(smol_path, tmp_path):
+    """4 agents in one batch: each equals its solo run; parked to RAM (with a copy on disk) or
+    to disk only, as each PARK says, and both kinds of parked state restore exactly."""
     from lmx.worker.engine import Engine
-    eng = Engine(2, gpu=False, pinned=False, park_dir=str(tmp_path), park_ram=600 << 10)
+    eng = Engine(2, gpu=False, pinned=False, park_dir=str(tmp_path))
     agents = ["a0", "a1", "a2", "a3"]
     try:
         for agent in agents + ["ref"]:
             eng.register(agent, smol_path, ContextSpec(n_ctx=512))
         first = _run_together(eng, agents, PROMPTS, 16)
-        assert eng.summary()["groups"] == [4]
-        assert all(r["batch"] == 4 for r in first.values())
-        assert all(r["context_measured"] is None for r in first.values())   # a shared context
-        where = [eng.park(a)["parked"] for a in ("a1", "a2", "a3")]
-        assert where[0] == "ram" and "disk" in where          # the budget holds one
-        assert (tmp_path / "a3.state").exists() and eng.parked_ram <= 600 << 10
-        view = eng.summary()["slots"]
-        assert [view[a]["parked"] for a in agents] == [None] + where
+        assert eng.summary().groups == [4]
+        assert all(r.batch == 4 for r in first.values())
+        assert all(r.context_measured is None for r in first.values())   # a shared context
+        where = [eng.park("a1", BIG, True).parked, eng.park("a2", 0, True).parked,
+                 eng.park("a3", 0, True).parked]
+        assert where == ["ram", "disk", "disk"]
+        assert (tmp_path / "a1.state").exists()       # a RAM park keeps a copy for restarts
+        assert (tmp_path / "a3.state").exists()
+        assert eng.parked_ram == eng.slots["a1"].parked_bytes > 0
+        assert [_parked_in(eng)[a] for a in agents] == [None] + where
         second = _run_together(eng, agents, [" and then"] * 4, 8)
-        assert [second[a]["kv_swap_restored"] for a in agents] == [False, True, True, True]
+        assert [second[a].kv_swap_restored for a in agents] == [False, True, True, True]
         assert eng.parked_ram == 0 and not list(tmp_path.glob("a*.state"))
         for agent, prompt in zip(agents, PROMPTS):
             eng.unregister("ref")
             eng.register("ref", smol_path, ContextSpec(n_ctx=512, n_batch=256))
-            assert eng.decode("ref", prompt, 16)["tokens"] == first[agent]["tokens"]
-            assert eng.decode("ref", " and then", 8)["tokens"] == second[agent]["tokens"]
+            assert eng.decode("ref", prompt, 16).tokens == first[agent].tokens
+            assert eng.decode("ref", " and then", 8).tokens == second[agent].tokens
         for agent in agents + ["ref"]:
             eng.unregister(agent)
         assert eng.groups == [] and eng.models == {}
@@ -127,16 +141,53 @@ def test_batched_agents_match_solo_and_park_under_a_small_budget(smol_path, tmp_
 
 
 def test_park_past_the_budget_without_a_state_dir_is_refused(smol_path):
+    """disk=True needs a park_dir: without one a state past ram_bytes is refused."""
     from lmx.worker.engine import Engine
-    eng = Engine(2, gpu=False, pinned=False, park_ram=1024)
+    eng = Engine(2, gpu=False, pinned=False)
     try:
         eng.register("a", smol_path, ContextSpec(n_ctx=512))
         eng.decode("a", "Hello", 4)
         with pytest.raises(LmxError) as info:
-            eng.park("a")
+            eng.park("a", 1024, True)
         assert info.value.code == Code.LIMIT and info.value.reason == Reason.PARK_BUDGET
+        assert info.value.details["ram_bytes"] == 1024 and info.value.details["needed"] > 1024
         assert eng.slots["a"].group is not None             # still live, nothing lost
-        assert eng.decode("a", "again", 4)["generated_tokens"] >= 1
+        assert eng.decode("a", "again", 4).generated_tokens >= 1
+    finally:
+        eng.close()
+
+
+def test_park_follows_the_jobs_policy(smol_path, tmp_path):
+    """ram_bytes=0 and no disk: refused (LIMIT/PARK_BUDGET), the agent stays live and its
+    conversation continues exactly; ram_bytes=0 with disk: a file; a large ram_bytes: RAM."""
+    from lmx.worker.engine import Engine
+    eng = Engine(2, gpu=False, pinned=False, park_dir=str(tmp_path))
+    try:
+        for name in ("a", "ref"):
+            eng.register(name, smol_path, ContextSpec(n_ctx=512, n_batch=256 if name == "ref"
+                                                      else 512))
+        out = [eng.decode("a", PROMPTS[0], 6)]
+        before = eng.slot_state("a")
+        with pytest.raises(LmxError) as info:
+            eng.park("a", 0, False)
+        assert (info.value.code, info.value.reason) == (Code.LIMIT, Reason.PARK_BUDGET)
+        assert info.value.details["ram_bytes"] == 0 and info.value.details["needed"] > 0
+        assert eng.slot_state("a") == before and before.live and before.parked is None
+        assert eng.parked_ram == 0 and not list(tmp_path.glob("a.*"))
+        out.append(eng.decode("a", " and then", 6))
+        assert not out[-1].kv_swap_restored                  # never left its context
+        assert eng.park("a", 0, True) == ParkResult("disk", eng.slots["a"].parked_bytes)
+        assert eng.parked_ram == 0 and (tmp_path / "a.state").exists()
+        assert eng.slot_state("a").parked == "disk" and not eng.slot_state("a").live
+        out.append(eng.decode("a", " so", 6))
+        assert out[-1].kv_swap_restored
+        assert eng.park("a", BIG, False).parked == "ram"
+        assert eng.parked_ram == eng.slot_state("a").parked_bytes > 0
+        assert not (tmp_path / "a.state").exists()           # disk=False: no copy
+        out.append(eng.decode("a", " then", 6))
+        assert out[-1].kv_swap_restored
+        for prompt, got in zip([PROMPTS[0], " and then", " so", " then"], out):
+            assert eng.decode("ref", prompt, 6).tokens == got.tokens
     finally:
         eng.close()
 
@@ -151,11 +202,11 @@ def test_a_group_needs_no_more_than_its_members_alone(which, smol_path, gemma_pa
     try:
         for i in range(4):
             eng.register(f"a{i}", path, ContextSpec(n_ctx=1024))
-        single = eng.measure("a0")["device_bytes"]
+        single = eng.measure("a0").device_bytes
         _run_together(eng, [f"a{i}" for i in range(4)], PROMPTS, 2)
         group = eng.groups[0]
         assert len(group.members) == 4
-        shared = group.measured["device_bytes"]
+        shared = group.measured.device_bytes
         kv = sum(v for k, v in group.buffers.items() if k.endswith("KV"))
         assert kv > 0 and shared <= 4 * single, (shared, single)
         assert shared > single
@@ -177,18 +228,18 @@ def test_sequences_move_between_groups_of_other_sizes(which, smol_path, gemma_pa
         a, r = ["a0", "a1", "a2"], ["r0", "r1", "r2"]
         first = _run_together(eng, a, PROMPTS[:3], 8)
         ref1 = _run_together(eng, r, PROMPTS[:3], 8)
-        assert eng.park("a1")["parked"] == "ram"          # a0, a2: carried from 3 streams to 2
+        assert eng.park("a1", BIG, False).parked == "ram"   # a0, a2: carried from 3 streams to 2
         middle = _run_together(eng, ["a0", "a2"], [" then", " then"], 6)
-        eng.park("a0")                                   # a2 alone: 2 streams to 1
-        assert eng.summary()["groups"].count(1) == 1
+        eng.park("a0", BIG, False)                       # a2 alone: 2 streams to 1
+        assert eng.summary().groups.count(1) == 1
         last = _run_together(eng, a, [" and", " and", " and"], 6)   # 1 -> 3, a0 and a1 back
         ref_mid = _run_together(eng, ["r0", "r2"], [" then", " then"], 6)
         ref_last = _run_together(eng, r, [" and", " and", " and"], 6)
         for x, y in zip(a, r):
-            assert first[x]["tokens"] == ref1[y]["tokens"]
-            assert last[x]["tokens"] == ref_last[y]["tokens"], x
-        assert [middle[x]["tokens"] for x in ("a0", "a2")] == [
-            ref_mid[y]["tokens"] for y in ("r0", "r2")]
+            assert first[x].tokens == ref1[y].tokens
+            assert last[x].tokens == ref_last[y].tokens, x
+        assert [middle[x].tokens for x in ("a0", "a2")] == [
+            ref_mid[y].tokens for y in ("r0", "r2")]
     finally:
         eng.close()
 
@@ -214,7 +265,7 @@ def test_a_context_that_cannot_be_built_keeps_parked_state(smol_path, monkeypatc
             eng.register(name, smol_path, ContextSpec(n_ctx=512, n_batch=256 if name == "ref"
                                                       else 512))
         _run_together(eng, ["a", "b", "p"], PROMPTS[:3], 6)
-        eng.park("p")
+        eng.park("p", BIG, False)
         kept = (eng.slots["p"].n_past, list(eng.slots["p"].pending), eng.parked_ram)
         real = llama_cpp.llama_init_from_model
         monkeypatch.setattr(llama_cpp, "llama_init_from_model", lambda *a: None)
@@ -228,8 +279,78 @@ def test_a_context_that_cannot_be_built_keeps_parked_state(smol_path, monkeypatc
         assert eng.slots["a"].n_past == 0 and eng.groups == []     # live ones: reset
         monkeypatch.setattr(llama_cpp, "llama_init_from_model", real)
         resumed = eng.decode("p", " and then", 6)
-        assert resumed["kv_swap_restored"] is True
+        assert resumed.kv_swap_restored is True
         eng.decode("ref", PROMPTS[2], 6)
-        assert eng.decode("ref", " and then", 6)["tokens"] == resumed["tokens"]
+        assert eng.decode("ref", " and then", 6).tokens == resumed.tokens
+    finally:
+        eng.close()
+
+
+def test_a_lost_state_is_state_lost_and_the_conversation_restarts(smol_path, tmp_path):
+    """A parked state whose file is gone: the DECODE gets STATE_LOST, the agent's
+    conversation is reset, and its next DECODE starts afresh."""
+    from lmx.worker.engine import Engine
+    eng = Engine(2, gpu=False, pinned=False, park_dir=str(tmp_path))
+    try:
+        for name in ("a", "ref"):
+            eng.register(name, smol_path, ContextSpec(n_ctx=512))
+        eng.decode("a", PROMPTS[0], 4)
+        assert eng.park("a", 0, True).parked == "disk"
+        (tmp_path / "a.json").unlink()
+        with pytest.raises(LmxError) as info:
+            eng.decode("a", " and then", 4)
+        assert info.value.code == Code.STATE_LOST and info.value.details["agent"] == "a"
+        state = eng.slot_state("a")
+        assert state.n_past == 0 and state.parked is None and eng.lost == {}
+        assert eng.decode("a", PROMPTS[1], 6).tokens == eng.decode("ref", PROMPTS[1], 6).tokens
+    finally:
+        eng.close()
+
+
+class _Frames:
+    """Stands in for the results socket: keeps every message sent."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send_multipart(self, frames):
+        import msgpack
+        self.sent.append(msgpack.unpackb(frames[0]))
+
+
+def test_the_scheduler_answers_each_job_with_one_typed_result(smol_path):
+    """REGISTER, DECODE, PARK (with a DECODE in flight: INTERNAL), PARK, UNREGISTER: one
+    RESULT each, whose fields are jobs.Result's, the verb's record in out."""
+    import time
+    from lmx.common.jobs import (DecodeJob, ParkJob, RegisterJob, RegisterResult, Result,
+                                 UnregisterJob)
+    from lmx.worker.engine import Engine
+    from lmx.worker.scheduler import Incoming, Scheduler
+    eng, sock = Engine(2, gpu=False, pinned=False), _Frames()
+    sched, now = Scheduler(eng, sock, set()), time.monotonic()
+
+    def run(*batch):
+        for i, job in batch:
+            sched._take(Incoming(i, job.VERB, job, now))
+        while sched.waiting or sched.running:
+            sched._round()
+    run((1, RegisterJob("a", smol_path, ContextSpec(n_ctx=512).as_dict())),
+        (2, DecodeJob("a", PROMPTS[0], 4)), (3, ParkJob("a", BIG, False)))
+    run((4, ParkJob("a", BIG, False)), (5, UnregisterJob("a")))
+    try:
+        results = {m["id"]: Result.from_wire(m) for m in sock.sent if m["verb"] == "RESULT"}
+        assert sorted(results) == [1, 2, 3, 4, 5]
+        assert set(sock.sent[0]) == {"v", "id", "verb", "status", "slot", "engine", "error",
+                                     "out"}
+        reg = results[1]
+        assert reg.ok and RegisterResult.from_wire(reg.out).model_loaded
+        assert reg.slot.agent == "a" and not reg.slot.live and reg.engine.models
+        assert results[3].error["code"] == Code.INTERNAL and "status" not in results[3].error
+        dec = DecodeResult.from_wire(results[2].out)
+        assert dec.generated_tokens >= 1 and results[2].slot.n_past == dec.n_past
+        assert results[4].ok and results[4].out["parked"] == "ram"
+        assert results[4].slot.parked == "ram" and results[4].engine.parked_ram_bytes > 0
+        assert results[5].ok and results[5].slot is None and results[5].out == {
+            "model_freed": True}
     finally:
         eng.close()

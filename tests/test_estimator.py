@@ -59,7 +59,7 @@ def check_model(engine, path):
         weights = _parts(slot.model.buffers, "model")
         for spec in cells:
             slot.spec, slot.n_ctx = spec, spec.n_ctx
-            bufs = engine.measure("e")["buffers"]
+            bufs = engine.measure("e").buffers
             est = estimate(shape, spec, "cpu")
             kv, compute = _parts(bufs, "KV"), _parts(bufs, "compute")
             if abs(est.weights_device - weights) > LOG_ROUNDING:
@@ -120,7 +120,7 @@ def test_several_sequences_use_per_stream_caches(engine, smol_path, gemma_path, 
         spec = ContextSpec(n_ctx=4096, n_seq=n_seq, n_outputs_max=n_seq)
         engine.register("s", path, spec)
         try:
-            bufs = engine.measure("s")["buffers"]
+            bufs = engine.measure("s").buffers
         finally:
             engine.unregister("s")
         est = estimate(shape, spec, "cpu")

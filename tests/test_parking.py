@@ -77,11 +77,11 @@ def test_a_parked_agent_waits_for_a_busy_one_and_can_be_cancelled(room_for_two):
         wait_until(lambda: views(c)["z"]["queue_depth"] == 1, what="z running")
         gone = c.send("DECODE", agent="x", prompt="First", n_predict=4)   # nobody idle: waits
         queued = c.send("DECODE", agent="x", prompt="Second", n_predict=4)
-        wait_until(lambda: c.request("STATUS")["waiting_for_room"] == 2, what="2 waiting")
+        # First waits for room; Second waits behind it in x's own lane (one at a time)
+        wait_until(lambda: c.request("STATUS")["waiting_for_room"] == 1, what="x waiting")
         assert views(c)["x"]["queue_depth"] == 2
-        behind = c.send("DECODE", agent="y", prompt="Also", n_predict=4)   # y is live, yet it
-        wait_until(lambda: c.request("STATUS")["waiting_for_room"] == 3,  # queues behind x
-                   what="y's DECODE behind x's")
+        behind = c.send("DECODE", agent="y", prompt="Also", n_predict=4)   # behind long_y
+        wait_until(lambda: views(c)["y"]["queue_depth"] == 2, what="y's DECODE queued")
         assert c.cancel("x", gone)["cancelled"] == "queued"
         with pytest.raises(LmxError) as info:
             _final(c, gone)

@@ -39,7 +39,7 @@ def test_parked_state_on_disk_survives_a_worker_kill(broker_factory, table):
         after = c.request("STATUS")
         assert after["bookings"] == before["bookings"]              # bookings exact
         resumed = c.decode("parked", "The weather today is", 12)
-        assert "context_reset" not in resumed and resumed["kv_swap_restored"] is True
+        assert resumed["context_reset"] is False and resumed["kv_swap_restored"] is True
         reset = c.decode("live", "and", 4)
         assert reset["context_reset"] is True                       # it was live: lost, said
         want = reference(c, ["Hello, my name is", "The weather today is"], 12)
@@ -68,7 +68,7 @@ def test_registrations_survive_a_broker_kill(tmp_path, table):
             assert {k: v for k, v in status["bookings"].items() if k != "worker:overhead"} == \
                 {k: v for k, v in before["bookings"].items() if k != "worker:overhead"}
             resumed = c.decode("a", "The weather today is", 10)
-            assert "context_reset" not in resumed
+            assert resumed["context_reset"] is False
             want = reference(c, ["Hello, my name is", "The weather today is"], 10)
             assert [first["tokens"], resumed["tokens"]] == want
             assert c.decode("b", "more", 2)["context_reset"] is True

@@ -100,7 +100,39 @@ def test_demo_refuses_a_gguf_without_enough_layers(tmp_path, smol_path):
     assert r.returncode == 2 and "blk.1.ffn_up" in r.stderr
 
 
-def test_status_says_whether_streaming_is_available(shared_broker):
-    status = shared_broker.status()
-    assert status["streaming_available"] is False       # CI has no CUDA device
-    assert status["streaming_reason"]
+def test_availability_is_decided_from_cheap_facts():
+    """On CPU never available; on a CUDA device available exactly when numba is installed.
+    No GPU is assumed either way, and numba is not imported to decide."""
+    import importlib.util
+    cpu = streamer.availability(False)
+    assert cpu["available"] is False and cpu["reason"]
+    cuda = streamer.availability(True)
+    assert cuda["available"] is (importlib.util.find_spec("numba") is not None)
+    assert cuda["reason"]
+
+
+BLOCKED = """
+import sys
+{block}
+import lmx.worker.main as main
+from lmx.worker.device import DeclaredDevice
+ready = main.ready_device(DeclaredDevice(1 << 30))
+assert ready["streaming"]["available"] is False, ready
+cuda = main.streamer.availability(True)
+assert "numba" not in sys.modules or sys.modules["numba"] is None, "numba was imported"
+print(cuda["available"])
+"""
+
+
+@pytest.mark.parametrize("blocked", [True, False])
+def test_a_worker_starts_without_importing_numba(blocked):
+    """lmx.worker.main imports and builds READY's device map without numba: with numba
+    blocked (sys.modules['numba'] = None) it says unavailable, otherwise numba stays
+    unimported."""
+    block = "sys.modules['numba'] = None" if blocked else ""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    r = subprocess.run([sys.executable, "-c", BLOCKED.format(block=block)],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    if blocked:
+        assert r.stdout.strip() == "False"

@@ -45,7 +45,7 @@ def test_sigkill_mid_decode_fails_fast_and_the_worker_comes_back(broker_factory,
         wait_until(lambda: c.list_agents()[0]["state"] == "ready", what="agent rebuilt")
         first = c.decode("long", "hi", 1)
         assert first["context_reset"] is True and first["n_past"] <= 4
-        assert "context_reset" not in c.decode("long", "again", 1)
+        assert c.decode("long", "again", 1)["context_reset"] is False   # said once
         c.unregister("long")
 
 

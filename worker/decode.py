@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from lmx.common.errors import Code, LmxError, Reason
+from lmx.common.jobs import DecodeResult
 from lmx.worker.model import Emitter
 
 
@@ -26,7 +27,7 @@ class Run:
         self.t0, self.t_live, self.t_prompt = t0, None, None
         self.restored = False
         self.built = False
-        self.result = None          # set when finished
+        self.result = None          # its DecodeResult, set when it finishes
         self.eos = False
         self.stopped_by = None
 
@@ -70,15 +71,20 @@ class DecodeMixin:
 
     def decode(self, agent, prompt, n_predict, max_prompt_tokens=None, on_token=None,
                should_stop=None):
-        """Run one DECODE alone to its end and return its result (tests, tools)."""
+        """Run one DECODE alone to its end and return its DecodeResult (tests, tools)."""
         run = self.start(agent, prompt, n_predict, max_prompt_tokens, on_token, should_stop)
         self.prepare([run])
+        lost = self.lost.pop(agent, None)
+        if lost is not None:
+            raise lost
         while run.result is None:
             self.step([run])
         return run.result
 
     def prepare(self, runs):
-        """Make every run's agent live (restoring parked state) before its first step."""
+        """Make every run's agent live (restoring parked state) before its first step. A run
+        whose state could not be restored (its agent in self.lost) must be answered with that
+        STATE_LOST error by the caller, never stepped."""
         fresh = [r for r in runs if r.t_live is None]
         before = {id(r.slot): r.slot.group for r in fresh}
         restored = set(self.make_live([r.slot for r in fresh]))
@@ -92,7 +98,7 @@ class DecodeMixin:
     def step(self, runs):
         """One token for every run (all live): a single llama_decode per group for the runs
         with one token to evaluate, a prompt's chunks on their own; return the runs that
-        finished (their .result is set)."""
+        finished (their .result, a DecodeResult, is set)."""
         by_group = {}
         for run in runs:
             by_group.setdefault(id(run.slot.group), []).append(run)
@@ -182,15 +188,15 @@ class DecodeMixin:
         first = run.emit.first
         t_prompt = run.t_prompt or t_end
         text = b"".join(slot.model.piece(t) for t in run.out)
-        run.result = {
-            "prompt_tokens": len(run.prompt_tokens), "generated_tokens": len(run.out),
-            "stopped_on_eos": run.eos, "elapsed_ms": round((t_end - run.t0) * 1000, 2),
-            "swap_ms": round((run.t_live - run.t0) * 1000, 2),
-            "prompt_ms": round((t_prompt - run.t_live) * 1000, 2),
-            "gen_ms": round((t_end - t_prompt) * 1000, 2),
-            "kv_swap_evicted": None, "kv_swap_restored": run.restored,
-            "stopped_by": run.stopped_by, "batch": len(slot.group.members),
-            "ttft_ms": round((first[0] - run.t0) * 1000, 2) if first else None,
-            "n_past": slot.n_past + len(slot.pending),
-            "text": text.decode("utf-8", "replace"), "tokens": run.out,
-            "context_measured": slot.group.measured if run.built else None}
+        run.result = DecodeResult(
+            prompt_tokens=len(run.prompt_tokens), generated_tokens=len(run.out),
+            stopped_on_eos=run.eos, stopped_by=run.stopped_by,
+            elapsed_ms=round((t_end - run.t0) * 1000, 2),
+            swap_ms=round((run.t_live - run.t0) * 1000, 2),
+            prompt_ms=round((t_prompt - run.t_live) * 1000, 2),
+            gen_ms=round((t_end - t_prompt) * 1000, 2),
+            ttft_ms=round((first[0] - run.t0) * 1000, 2) if first else None,
+            kv_swap_restored=run.restored, batch=len(slot.group.members),
+            n_past=slot.n_past + len(slot.pending),
+            text=text.decode("utf-8", "replace"), tokens=list(run.out),
+            context_measured=slot.group.measured if run.built else None)

@@ -11,9 +11,12 @@ contexts; when membership changes, the group is rebuilt and every sequence is ca
 for the new number of streams).
 
 An agent leaves its group only when the broker parks it (the broker's ledger decides what is
-live). Its sequence state goes to host memory (pinned on CUDA) within the ``park_ram`` budget,
-past it to a file in ``park_dir``. Decode is greedy and driven here; the last sampled token of a
-reply stays pending until the next step, so a park or rebuild between steps loses nothing.
+live, and each PARK says how much host memory the state may take and whether a file may hold
+it: parking.py). Decode is greedy and driven here; the last sampled token of a reply stays
+pending until the next step, so a park or rebuild between steps loses nothing.
+
+Every verb returns its record from common/jobs.py (RegisterResult, UnregisterResult, ParkResult,
+DecodeResult); summary() and slot_state() give the facts each RESULT carries.
 """
 import llama_cpp  # noqa: I001  -- must precede numpy: the CUDA load segfaulted otherwise
 
@@ -24,28 +27,29 @@ import time
 
 from lmx.common.ctxspec import KV_TYPES
 from lmx.common.errors import Code, LmxError, Reason
-from lmx.worker import parkdisk, seqstate
+from lmx.common.jobs import (EngineSummary, Measured, ModelState, RegisterResult, SlotState,
+                             UnregisterResult)
+from lmx.worker import parkdisk
 from lmx.worker.decode import DecodeMixin
-from lmx.worker.device import HostBuffer
 from lmx.worker.model import Model, Slot, Group, nvml_delta, trim_heap, device_bytes
 from lmx.worker.llamalog import LlamaLog
+from lmx.worker.parking import ParkMixin
 
 log = logging.getLogger("lmx.worker")
 FLASH_ATTN = {True: 1, False: 0}     # LLAMA_FLASH_ATTN_TYPE_ENABLED / _DISABLED
-STATE_FORMAT = "seq-1"               # what the parked files hold: llama_state_seq_get_data
 
 
-class Engine(DecodeMixin):
+class Engine(DecodeMixin, ParkMixin):
     """Models, agents' slots, and the groups of live agents of this worker."""
 
     def __init__(self, n_threads, gpu, pinned, process_bytes=None, park_dir=None,
-                 park_ram=None, max_batch=8):
+                 max_batch=8):
         self.process_bytes = process_bytes or (lambda: None)   # NVML reading of this process
-        self.park_dir = park_dir          # spill past park_ram, and copies for restarts
+        self.park_dir = park_dir          # parked state files, and copies for restarts
         if park_dir:
             os.makedirs(park_dir, mode=0o700, exist_ok=True)
-        self.park_ram = park_ram          # host bytes for parked state (None: no limit)
-        self.parked_ram = 0
+        self.parked_ram = 0               # host bytes of parked state held now (a fact)
+        self.lost = {}                    # agent -> STATE_LOST error: its conversation reset
         self.max_batch = max(1, max_batch)
         self.n_threads = n_threads
         self.gpu = gpu
@@ -99,7 +103,8 @@ class Engine(DecodeMixin):
     # -- agents -------------------------------------------------------------------------
 
     def register(self, agent, path, spec, resume=False):
-        """Acquire the model (refcounted) and create the agent's slot (spec: ContextSpec).
+        """Acquire the model (refcounted) and create the agent's slot (spec: ContextSpec);
+        return a RegisterResult.
 
         The slot joins a group (gets a live sequence) at its first DECODE. resume: pick up the
         agent's state parked on disk before a restart, if it matches."""
@@ -111,38 +116,25 @@ class Engine(DecodeMixin):
         resumed = resume and self._resume(slot)
         if not resume and self.park_dir:
             parkdisk.remove(self.park_dir, agent)         # a new agent of an old name
-        return {"model_loaded": fresh, "model_refs": model.refs, "resumed": resumed,
-                "load_ms": round(model.load_ms, 1) if fresh else 0.0,
-                "buffers": model.buffers, "n_vocab": model.n_vocab,
-                "model_measured": {"device_bytes": device_bytes(model.buffers, self.gpu),
-                                   "nvml_delta": model.nvml_delta}}
-
-    def _disk_key(self, slot):
-        return {"model": slot.model.path, "model_size": os.path.getsize(slot.model.path),
-                "spec": slot.spec.as_dict(), "format": STATE_FORMAT}
-
-    def _resume(self, slot):
-        """Adopt state parked on disk before a restart; True if there was a valid one."""
-        found = self.park_dir and parkdisk.load(self.park_dir, slot.agent, self._disk_key(slot))
-        if not found:
-            return False
-        raw, meta = found
-        slot.on_disk, slot.parked_bytes = True, len(raw)
-        slot.n_past, slot.pending = meta["n_past"], meta["pending"]
-        log.info("worker: resumed %s from disk (%d tokens)", slot.agent, slot.n_past)
-        return True
+        return RegisterResult(
+            model_loaded=fresh, model_refs=model.refs, resumed=bool(resumed),
+            load_ms=round(model.load_ms, 1) if fresh else 0.0, n_vocab=model.n_vocab,
+            buffers=model.buffers,
+            model_measured=Measured(device_bytes(model.buffers, self.gpu), model.nvml_delta,
+                                    model.buffers))
 
     def unregister(self, agent):
-        """Free the agent's sequence or parked state, its slot, and its model reference."""
+        """Free the agent's sequence or parked state, its slot, and its model reference;
+        return an UnregisterResult."""
         slot = self._slot(agent)
         if slot.group is not None:
             group = slot.group
-            self._rebuild(group, [s for s in group.members if s is not slot])
+            self._regroup(group, [s for s in group.members if s is not slot])
         self._drop_parked(slot)
         if self.park_dir:
             parkdisk.remove(self.park_dir, agent)
         del self.slots[agent]
-        return {"model_freed": self._release(slot.model)}
+        return UnregisterResult(model_freed=self._release(slot.model))
 
     def _slot(self, agent):
         slot = self.slots.get(agent)
@@ -210,6 +202,15 @@ class Engine(DecodeMixin):
             for buf in carry.values():
                 buf.free()
 
+    def _regroup(self, group, members):
+        """_rebuild, where a member whose sequence could not be carried is reset and noted in
+        self.lost (answered by the scheduler) instead of failing the caller's job."""
+        try:
+            self._rebuild(group, members)
+        except LmxError as err:
+            if err.code != Code.STATE_LOST:
+                raise
+
     def _build(self, group):
         """A new context for the group's members; on failure their sequences are lost."""
         members = group.members
@@ -231,36 +232,14 @@ class Engine(DecodeMixin):
         group.ctx = ctx
         group.n_stream = group.spec.n_seq * len(members)
         group.buffers = self.llama_log.buffers()
-        group.measured = {"device_bytes": device_bytes(group.buffers, self.gpu),
-                          "nvml_delta": nvml_delta(before, self.process_bytes()),
-                          "buffers": group.buffers}
-
-    def _seq_save(self, ctx, seq):
-        size = llama_cpp.llama_state_seq_get_size(ctx, seq)
-        buf = HostBuffer(size + seqstate.SPARE, self.pinned)   # room to re-address in place
-        buf.capacity = size + seqstate.SPARE
-        buf.nbytes = llama_cpp.llama_state_seq_get_data(ctx, buf.data, size, seq)
-        return buf
-
-    def _seq_load(self, group, seq, address, nbytes, capacity, slot):
-        """Restore a saved sequence state (at address) into the group's sequence seq."""
-        try:
-            address, nbytes, keep = seqstate.restream(address, nbytes, capacity,
-                                                      group.n_stream)
-        except seqstate.StateFormatError as exc:
-            slot.n_past, slot.pending = 0, []
-            raise LmxError(Code.INTERNAL, f"the saved state of {slot.agent!r} cannot be "
-                           f"restored ({exc}); its context was reset") from None
-        data = ctypes.cast(address, ctypes.POINTER(ctypes.c_uint8))
-        if llama_cpp.llama_state_seq_set_data(group.ctx, data, nbytes, seq) == 0:
-            slot.n_past, slot.pending = 0, []
-            raise LmxError(Code.INTERNAL, f"restoring {slot.agent!r} failed; its context was "
-                           "reset")
-        del keep
+        group.measured = Measured(device_bytes(group.buffers, self.gpu),
+                                  nvml_delta(before, self.process_bytes()), group.buffers)
 
     def make_live(self, slots):
         """Give every slot a live sequence, restoring parked state; return the agents whose
-        state was restored. One rebuild per group that gains members."""
+        state was restored. One rebuild per group that gains members. A state that cannot be
+        restored resets its agent and is noted in self.lost (the caller answers it); a context
+        that cannot be built raises."""
         joining, seen = {}, set()
         for slot in slots:
             if slot.group is None and slot.agent not in seen:
@@ -269,11 +248,15 @@ class Engine(DecodeMixin):
                 joining.setdefault(group, []).append(slot)
         restored = []
         for group, new in joining.items():
-            self._rebuild(group, group.members + new)
+            self._regroup(group, group.members + new)
             for slot in new:
                 if slot.parked is not None or slot.on_disk:
-                    self._restore(slot)
-                    restored.append(slot.agent)
+                    try:
+                        self._restore(slot)
+                        restored.append(slot.agent)
+                    except LmxError as err:     # reset (in self.lost); the others go on
+                        if err.code != Code.STATE_LOST:
+                            raise
         return restored
 
     def _group_for(self, slot, joining):
@@ -285,76 +268,10 @@ class Engine(DecodeMixin):
         self.groups.append(group)
         return group
 
-    def _restore(self, slot):
-        if slot.parked is not None:
-            buf = slot.parked
-            address, nbytes, capacity = ctypes.addressof(buf.data.contents), slot.parked_bytes, \
-                buf.capacity
-        else:
-            found = parkdisk.load(self.park_dir, slot.agent, self._disk_key(slot))
-            if not found:
-                slot.n_past, slot.pending, slot.on_disk = 0, [], False
-                raise LmxError(Code.INTERNAL, f"the state of {slot.agent!r} on disk is gone; "
-                               "its context was reset")
-            raw = found[0]
-            nbytes, capacity = len(raw), len(raw) + seqstate.SPARE
-            room = bytearray(capacity)
-            room[:nbytes] = raw
-            data = (ctypes.c_uint8 * capacity).from_buffer(room)
-            address = ctypes.addressof(data)
-        try:
-            self._seq_load(slot.group, slot.seq, address, nbytes, capacity, slot)
-        finally:
-            self._drop_parked(slot)
-            if self.park_dir:
-                parkdisk.remove(self.park_dir, slot.agent)  # the live sequence is the truth now
-
-    def park(self, agent):
-        """Save the agent's sequence to host memory (within park_ram) or disk and leave its
-        group; return where it went ("ram", "disk", or None when it had nothing to keep)."""
-        slot = self._slot(agent)
-        if slot.group is None:
-            return {"parked": self._where(slot), "parked_bytes": slot.parked_bytes}
-        group = slot.group
-        if slot.n_past:
-            size = llama_cpp.llama_state_seq_get_size(group.ctx, slot.seq)
-            in_ram = self.park_ram is None or self.parked_ram + size <= self.park_ram
-            if not in_ram and not self.park_dir:
-                raise LmxError(Code.LIMIT, f"parking {agent!r} needs {size} bytes of host "
-                               f"memory; {self.park_ram - self.parked_ram} of the parked-state "
-                               "budget are left and there is no state directory",
-                               Reason.PARK_BUDGET, needed=size, park_ram=self.park_ram)
-            buf = self._seq_save(group.ctx, slot.seq)
-            meta = dict(self._disk_key(slot), n_past=slot.n_past, pending=slot.pending)
-            if in_ram:
-                slot.parked, slot.parked_bytes = buf, buf.nbytes
-                self.parked_ram += buf.nbytes
-                if self.park_dir:       # a copy, so a restart can resume the conversation
-                    parkdisk.save(self.park_dir, agent, ctypes.string_at(buf.data, buf.nbytes),
-                                  meta)
-            else:
-                parkdisk.save(self.park_dir, agent, ctypes.string_at(buf.data, buf.nbytes),
-                              meta)
-                slot.on_disk, slot.parked_bytes = True, buf.nbytes
-                buf.free()
-        self._rebuild(group, [s for s in group.members if s is not slot])
-        slot.parks += 1
-        return {"parked": self._where(slot), "parked_bytes": slot.parked_bytes}
-
-    def _where(self, slot):
-        if slot.group is not None:
-            return None
-        return "ram" if slot.parked is not None else "disk" if slot.on_disk else None
-
-    def _drop_parked(self, slot):
-        if slot.parked is not None:
-            self.parked_ram -= slot.parked_bytes
-            slot.parked.free()
-        slot.parked, slot.parked_bytes, slot.on_disk = None, 0, False
-
     def measure(self, agent):
-        """Build a parked agent's context alone, free it, and return what it measured:
-        device_bytes, nvml_delta and llama.cpp's buffer report (the estimator's tools)."""
+        """Build a parked agent's context alone, free it, and return what it measured (a
+        Measured: device_bytes, nvml_delta and llama.cpp's buffer report; the estimator's
+        tools)."""
         slot = self._slot(agent)
         if slot.group is not None:
             raise LmxError(Code.BAD_REQUEST, f"agent {agent!r} is live")
@@ -368,24 +285,26 @@ class Engine(DecodeMixin):
     # -- reporting ----------------------------------------------------------------------
 
     def summary(self):
-        """What STATUS and LIST show of this worker: models, agents, groups."""
+        """What STATUS and LIST show of this worker: an EngineSummary."""
         known = sum(device_bytes(m.buffers, self.gpu) for m in self.models.values())
-        known += sum(g.measured["device_bytes"] for g in self.groups if g.measured)
-        live = [s.agent for g in self.groups for s in g.members]
-        return {"live_agent": live[0] if len(live) == 1 else None,
-                "live_agents": live, "groups": [len(g.members) for g in self.groups],
-                "known_device_bytes": known, "process_bytes": self.process_bytes(),
-                "parked_ram_bytes": self.parked_ram, "park_ram_budget": self.park_ram,
-                "models": {p: {"refs": m.refs, "buffers": m.buffers}
-                           for p, m in self.models.items()},
-                "slots": {a: {"model": s.model.path, "n_ctx": s.n_ctx, "n_past": s.n_past,
-                              "live": s.group is not None, "parked": self._where(s),
-                              "parked_bytes": s.parked_bytes,
-                              "parked_pinned": bool(s.parked and s.parked.pinned),
-                              "batch": len(s.group.members) if s.group else 0,
-                              "parks": s.parks, "decodes": s.decodes,
-                              "generated": s.generated}
-                          for a, s in self.slots.items()}}
+        known += sum(g.measured.device_bytes for g in self.groups if g.measured)
+        return EngineSummary(
+            live_agents=[s.agent for g in self.groups for s in g.members],
+            groups=[len(g.members) for g in self.groups], known_device_bytes=known,
+            process_bytes=self.process_bytes(), parked_ram_bytes=self.parked_ram,
+            models={p: ModelState(m.refs, dict(m.buffers)) for p, m in self.models.items()})
+
+    def slot_state(self, agent):
+        """The agent as this worker holds it (a SlotState), or None when it has no slot."""
+        s = self.slots.get(agent)
+        if s is None:
+            return None
+        return SlotState(agent=agent, model=s.model.path, n_ctx=s.n_ctx,
+                         n_past=s.n_past + len(s.pending), live=s.group is not None,
+                         parked=self._where(s), parked_bytes=s.parked_bytes,
+                         parked_pinned=bool(s.parked and s.parked.pinned),
+                         batch=len(s.group.members) if s.group else 0, parks=s.parks,
+                         decodes=s.decodes, generated=s.generated)
 
     def close(self):
         """Free every context, parked buffer and model."""

@@ -1,12 +1,17 @@
 """`lmx-worker`: connect to a broker's worker endpoint and run llama.cpp jobs.
 
-Threads: the main thread owns the DEALER to the broker (heartbeats, forwarding); the compute
+Started by the broker as ``python -m lmx.worker.main --config JSON`` (a WorkerConfig, see
+common/config.py); the individual options start one by hand and override the JSON's fields.
+
+Threads: the main thread owns the DEALER to the broker (heartbeats, forwarding); it turns each
+job into its typed record (common/jobs.py) and queues it with its arrival time. The compute
 thread owns the llama.cpp engine and an inproc PAIR on which it returns results. Sockets never
 cross threads.
 """
 import llama_cpp  # noqa: F401,I001  -- before numpy, see engine.py
 
 import ctypes
+import dataclasses
 import logging
 import os
 import queue
@@ -16,16 +21,17 @@ import time
 
 import click
 import zmq
+from click.core import ParameterSource
 
 from lmx.common import protocol
-from lmx.common.config import (DEFAULT_HEARTBEAT_S, DEFAULT_LIVENESS, DEFAULT_VRAM_TOTAL,
-                               default_threads, parse_size)
-from lmx.common.errors import LmxError
+from lmx.common.config import DEFAULT_VRAM_TOTAL, WorkerConfig, default_threads, parse_size
+from lmx.common.errors import Code, LmxError
+from lmx.common.jobs import JOB_TYPES, CancelJob
 from lmx.common.sockets import make_socket
 from lmx.worker.device import HostBuffer, open_device
 from lmx.worker import streamer
 from lmx.worker.engine import Engine
-from lmx.worker.scheduler import Scheduler
+from lmx.worker.scheduler import Incoming, Scheduler
 
 log = logging.getLogger("lmx.worker")
 RESULTS = "inproc://lmx-worker-results"
@@ -66,8 +72,7 @@ class Worker:
     def run(self):
         """Main loop: until SHUTDOWN, a signal, or the broker falls silent."""
         self.thread.start()
-        device = dict(self.device.read(), streaming=streamer.availability())
-        self.send("READY", pid=os.getpid(), device=device)
+        self.send("READY", pid=os.getpid(), device=ready_device(self.device))
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.results, zmq.POLLIN)
@@ -97,10 +102,10 @@ class Worker:
         if msg.verb == "SHUTDOWN":
             self.stop = True
         elif msg.verb == "CANCEL":
-            self.cancelled.add(msg.fields["job"])   # read by the compute thread between tokens
+            # read by the compute thread between tokens
+            self.cancelled.add(CancelJob.from_wire(msg.fields).job)
         elif msg.verb != "HEARTBEAT":
-            msg.fields["_received"] = time.monotonic()   # deadlines count from here
-            self.jobs.put(msg)
+            self.jobs.put(incoming(msg, time.monotonic()))   # deadlines count from here
 
     def close(self):
         """Stop the compute thread (it frees llama.cpp state) and close sockets."""
@@ -111,6 +116,26 @@ class Worker:
         self.ctx.term()
 
 
+def incoming(msg, received):
+    """The compute thread's view of a decoded job: its typed record and arrival time (or,
+    when the record cannot be built, the error its RESULT carries)."""
+    cls = JOB_TYPES.get(msg.verb)
+    if cls is None:
+        return Incoming(msg.id, msg.verb, None, received,
+                        LmxError(Code.UNKNOWN_VERB, f"worker cannot run {msg.verb}"))
+    try:
+        return Incoming(msg.id, msg.verb, cls.from_wire(msg.fields), received)
+    except TypeError as exc:          # a field the record needs is missing
+        return Incoming(msg.id, msg.verb, None, received, LmxError(
+            Code.INTERNAL, f"broker sent a {msg.verb} the worker cannot read: {exc}"))
+
+
+def ready_device(device):
+    """READY's device map: a reading plus whether the layer streamer can run here (decided
+    without importing numba)."""
+    return dict(device.read(), streaming=streamer.availability(device.kind == "cuda"))
+
+
 def warm_cuda():
     """Create this process's CUDA context now, not inside the first REGISTER: the first load
     then costs what any load costs, and READY's NVML reading already includes the context."""
@@ -119,62 +144,96 @@ def warm_cuda():
         rt.cudaFree(ctypes.c_void_p(0))
 
 
+_D = WorkerConfig()                    # the options' defaults: WorkerConfig's fields
+# option name -> WorkerConfig field, for options given on the command line
+_FIELDS = {"broker": "broker", "vram_total": "vram_total", "gpu_index": "gpu_index",
+           "force_cpu": "force_cpu", "threads": "threads", "heartbeat": "heartbeat_s",
+           "liveness": "liveness", "simulate_others": "simulate_others",
+           "max_batch": "max_batch", "quantum": "quantum", "park_dir": "park_dir",
+           "log_level": "log_level"}
+
+
+def _size_option(ctx, param, value):
+    try:
+        return parse_size(value) if value is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _config_option(ctx, param, value):
+    try:
+        return WorkerConfig.from_json(value) if value is not None else None
+    except (ValueError, TypeError) as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def build_config(ctx, config, options):
+    """The --config JSON (or the defaults), with every option given on the command line
+    put over it."""
+    base = config or WorkerConfig()
+    given = {_FIELDS[name]: value for name, value in options.items()
+             if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
+    return dataclasses.replace(base, **given)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--broker", required=True, help="The broker's worker endpoint, e.g. "
+@click.option("--config", "config", default=None, callback=_config_option,
+              help="The whole configuration as one JSON object (WorkerConfig.to_json(); the "
+              "broker passes this); options given as well override its fields.")
+@click.option("--broker", default=_D.broker or None, help="The broker's worker endpoint, e.g. "
               "ipc:///tmp/lmx.sock.worker (lmx-broker prints it).")
-@click.option("--vram-total", default=None, help="Declared device size (e.g. 8GiB). On CPU it "
-              "is the size admission uses (default 8GiB); on a GPU it caps NVML's total.")
-@click.option("--gpu-index", default=0, show_default=True, help="NVML index of the GPU.")
-@click.option("--cpu", "force_cpu", is_flag=True, help="Run llama.cpp on the CPU even if a "
-              "GPU is present.")
-@click.option("--threads", default=None, type=int, help="llama.cpp threads [default: the "
-              "cores this process may use].")
-@click.option("--heartbeat", default=DEFAULT_HEARTBEAT_S, show_default=True,
+@click.option("--vram-total", default=None, callback=_size_option, help="Declared device "
+              "size (e.g. 8GiB). On CPU it is the size admission uses (default 8GiB); on a GPU "
+              "it caps NVML's total.")
+@click.option("--gpu-index", default=_D.gpu_index, show_default=True,
+              help="NVML index of the GPU.")
+@click.option("--cpu", "force_cpu", is_flag=True, default=_D.force_cpu,
+              help="Run llama.cpp on the CPU even if a GPU is present.")
+@click.option("--threads", default=_D.threads, type=int, help="llama.cpp threads [default: "
+              "the cores this process may use].")
+@click.option("--heartbeat", default=_D.heartbeat_s, show_default=True,
               help="Heartbeat interval in seconds; each heartbeat carries a fresh device "
               "reading (NVML on a GPU), so this is also the NVML timer.")
-@click.option("--liveness", default=DEFAULT_LIVENESS, show_default=True,
+@click.option("--liveness", default=_D.liveness, show_default=True,
               help="Silent intervals before the broker is declared gone.")
-@click.option("--simulate-others", type=click.Path(dir_okay=False), default=None,
+@click.option("--simulate-others", type=click.Path(dir_okay=False), default=_D.simulate_others,
               help="CPU only: the bytes other processes hold, read from this file at every "
               "reading (stands in for NVML where there is no GPU).")
-@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 64),
-              help="Agents of one model and context spec live in one context and decoded in "
-              "one llama_decode batch.")
-@click.option("--park-ram", default=None, help="Host memory for parked KV state (e.g. 4GiB); "
-              "past it, parked state goes to files in --park-dir [default: no limit].")
-@click.option("--quantum", default=4, show_default=True, type=click.IntRange(1, 4096),
+@click.option("--max-batch", default=_D.max_batch, show_default=True,
+              type=click.IntRange(1, 64), help="Agents of one model and context spec live in "
+              "one context and decoded in one llama_decode batch.")
+@click.option("--quantum", default=_D.quantum, show_default=True, type=click.IntRange(1, 4096),
               help="Batched steps a group runs per turn before the next group's turn.")
-@click.option("--park-dir", type=click.Path(file_okay=False), default=None,
-              help="Parked state past --park-ram, and a copy of every parked state so a "
-              "restart can resume conversations.")
-@click.option("--log-level", default="INFO", show_default=True)
-def main(broker, vram_total, gpu_index, force_cpu, threads, heartbeat, liveness,
-         simulate_others, max_batch, park_ram, quantum, park_dir, log_level):
+@click.option("--park-dir", type=click.Path(file_okay=False), default=_D.park_dir,
+              help="Parked state files: states a PARK sends to disk, and a copy of every "
+              "parked state so a restart can resume conversations.")
+@click.option("--log-level", default=_D.log_level, show_default=True)
+def main(config, **options):
     """Run one lmx worker: the llama.cpp backend for one GPU (or the CPU)."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    try:
-        declared = parse_size(vram_total) if vram_total else None
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--vram-total")
-    try:
-        park_ram = parse_size(park_ram) if park_ram else None
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--park-ram")
-    gpu = llama_cpp.llama_supports_gpu_offload() and not force_cpu
-    device = open_device(gpu, gpu_index, declared, DEFAULT_VRAM_TOTAL, simulate_others)
-    n_threads = threads or default_threads()
+    cfg = build_config(click.get_current_context(), config, options)
+    if not cfg.broker:
+        raise click.UsageError("no broker endpoint: give --broker or --config")
+    serve(cfg)
 
+
+def serve(cfg):
+    """Open the device, build the engine and run the worker until it stops."""
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    gpu = llama_cpp.llama_supports_gpu_offload() and not cfg.force_cpu
+    device = open_device(gpu, cfg.gpu_index, cfg.vram_total, DEFAULT_VRAM_TOTAL,
+                         cfg.simulate_others)
+    n_threads = cfg.threads or default_threads()
     if device.kind == "cuda":
         warm_cuda()
     engine = Engine(n_threads, gpu=device.kind == "cuda", pinned=device.kind == "cuda",
-                    process_bytes=lambda: device.read()["process_bytes"], park_dir=park_dir,
-                    park_ram=park_ram, max_batch=max_batch)
-    worker = Worker(broker, device, engine, heartbeat, liveness, quantum)
+                    process_bytes=lambda: device.read()["process_bytes"],
+                    park_dir=cfg.park_dir, max_batch=cfg.max_batch)
+    worker = Worker(cfg.broker, device, engine, cfg.heartbeat_s, cfg.liveness, cfg.quantum)
     # Signal handlers do no work: they ask the loop to stop.
     signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "stop", True))
     signal.signal(signal.SIGINT, lambda *_: setattr(worker, "stop", True))
     log.info("worker: pid=%d device=%s threads=%d broker=%s", os.getpid(),
-             device.read()["name"], n_threads, broker)
+             device.read()["name"], n_threads, cfg.broker)
     worker.run()
 
 

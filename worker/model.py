@@ -100,7 +100,7 @@ class Slot:
         self.seq = None
         self.parked = None       # HostBuffer with llama_state_seq_get_data output
         self.parked_bytes = 0
-        self.on_disk = False     # parked state only in a file (past the host-memory budget)
+        self.on_disk = False     # parked state only in a file (a PARK sent it to disk)
         self.parks = 0
         self.decodes = 0
         self.generated = 0

@@ -1,24 +1,43 @@
 """The worker's compute loop: every runnable agent advanced together, a token per step.
 
-Each agent has a FIFO of its DECODEs and its UNREGISTER, so its own requests keep their order.
-Every agent with a running DECODE is live in a group (engine.py); each step evaluates one token
-of every running agent of a group in one llama_decode, so agents on one model are batched and
-none starves; groups (different models or specs) take turns of `quantum` steps, and new jobs
-are taken between turns, so a short request is not stuck behind a long one. REGISTER and PARK
-run as soon as they arrive (the broker sends PARK only for an agent with no work in flight).
-A DECODE cancelled or past its deadline before it starts is answered without running; once
-running it stops at its next token. Deadlines count from the moment the worker received the job.
+Jobs arrive as Incoming items (the typed job record from common/jobs.py and the time the main
+thread received it). Each agent has a FIFO of its DECODEs and its UNREGISTER, so its own
+requests keep their order. Every agent with a running DECODE is live in a group (engine.py);
+each step evaluates one token of every running agent of a group in one llama_decode, so agents
+on one model are batched and none starves; groups (different models or specs) take turns of
+`quantum` steps, and new jobs are taken between turns, so a short request is not stuck behind a
+long one. REGISTER and PARK run as soon as they arrive; the broker sends PARK only for an agent
+with no work in flight, so a PARK for one with work here is a broker bug (INTERNAL). A DECODE
+cancelled or past its deadline before it starts is answered without running; once running it
+stops at its next token. Deadlines count from the moment the main thread received the job.
+
+Every job is answered by exactly one RESULT: ``Result(status, slot, engine, error, out)``.
 """
+import llama_cpp  # noqa: F401,I001  -- before numpy in every worker module (see engine.py)
+
 import collections
 import logging
 import queue
 import time
+from typing import NamedTuple, Optional
 
 from lmx.common import protocol
 from lmx.common.ctxspec import ContextSpec
 from lmx.common.errors import Code, LmxError
+from lmx.common.jobs import (DecodeJob, ParkJob, RegisterJob, Result, UnregisterJob)
 
 log = logging.getLogger("lmx.worker")
+
+
+class Incoming(NamedTuple):
+    """One job as the main thread hands it over: its id, verb, typed record (None when it
+    could not be built) and the monotonic time it arrived; error: why it could not be built."""
+
+    id: object
+    verb: str
+    job: object
+    received: float
+    error: Optional[LmxError] = None
 
 
 class Scheduler:
@@ -27,40 +46,44 @@ class Scheduler:
     def __init__(self, engine, sock, cancelled, quantum=4):
         self.engine, self.sock, self.cancelled = engine, sock, cancelled
         self.quantum = max(1, quantum)
-        self.waiting = collections.OrderedDict()   # agent -> deque of messages
-        self.running = {}                           # agent -> (message, engine Run)
+        self.waiting = collections.OrderedDict()   # agent -> deque of Incoming
+        self.running = {}                           # agent -> (Incoming, engine Run)
 
     def run(self, jobs):
         """Until a None arrives on jobs: take jobs, then give every agent with work a turn."""
         while True:
             block = not (self.waiting or self.running)
             try:
-                msg = jobs.get(block=block)
+                item = jobs.get(block=block)
                 while True:
-                    if msg is None:
+                    if item is None:
                         return
-                    self._take(msg)
-                    msg = jobs.get_nowait()
+                    self._take(item)
+                    item = jobs.get_nowait()
             except queue.Empty:
                 pass
             self._round()
 
-    def _take(self, msg):
-        f = msg.fields
-        if msg.verb == "REGISTER":
-            self._finish(msg, lambda: self.engine.register(
-                f["agent"], f["path"], ContextSpec(**f["spec"]), resume=bool(f.get("resume"))))
-        elif msg.verb == "PARK":
-            if f["agent"] in self.running or self.waiting.get(f["agent"]):
-                self._send_result(msg, LmxError(Code.BUSY, f"agent {f['agent']!r} has work "
-                                                "in flight; not parked").fields())
+    def _take(self, item):
+        job = item.job
+        if item.error is not None:
+            self._reply(item, error=item.error)
+        elif isinstance(job, RegisterJob):
+            self._finish(item, lambda: self.engine.register(
+                job.agent, job.path, ContextSpec(**job.spec), resume=bool(job.resume)))
+        elif isinstance(job, ParkJob):
+            if job.agent in self.running or self.waiting.get(job.agent):
+                self._reply(item, error=LmxError(
+                    Code.INTERNAL, f"PARK for agent {job.agent!r}, which has work in flight "
+                    "at the worker (a broker bug); not parked", agent=job.agent))
             else:
-                self._finish(msg, lambda: self.engine.park(f["agent"]))
-        elif msg.verb in ("DECODE", "UNREGISTER"):
-            self.waiting.setdefault(f["agent"], collections.deque()).append(msg)
+                self._finish(item, lambda: self.engine.park(job.agent, job.ram_bytes,
+                                                            bool(job.disk)))
+        elif isinstance(job, (DecodeJob, UnregisterJob)):
+            self.waiting.setdefault(job.agent, collections.deque()).append(item)
         else:
-            self._send_result(msg, LmxError(Code.UNKNOWN_VERB,
-                                            f"worker cannot run {msg.verb}").fields())
+            self._reply(item, error=LmxError(Code.UNKNOWN_VERB,
+                                             f"worker cannot run {item.verb}"))
 
     def _round(self):
         """Start what can start, make the running agents live, then give each group a turn."""
@@ -77,94 +100,118 @@ class Scheduler:
                         slot = run.slot
                         slot.pending = run.prior if (slot.parked is not None or slot.on_disk
                                                      or slot.n_past) else []
-                        self._end(run, err.fields())
+                        self._end(run, err)
+        self._drop_lost()
         groups = {}
         for _, run in self.running.values():
             if run.slot.group is not None:
                 groups.setdefault(id(run.slot.group), []).append(run)
         for runs in groups.values():
             for _ in range(self.quantum):
-                try:
-                    finished = self.engine.step(runs)
-                except LmxError as err:
-                    finished = runs
-                    for run in runs:
-                        run.result = err.fields()
-                except Exception as exc:  # a bug must not kill the worker: report it
-                    log.exception("worker: DECODE failed")
-                    finished = runs
-                    for run in runs:
-                        run.result = LmxError(Code.INTERNAL,
-                                              f"worker error in DECODE: {exc}").fields()
+                finished, error = self._step(runs)
                 for run in finished:
-                    self._end(run, run.result if "code" in run.result else dict(
-                        run.result, status="ok"))
-                runs = [r for r in runs if r.result is None]
+                    self._end(run, error)
+                runs = [r for r in runs if r not in finished]
                 if not runs:
                     break
 
+    def _drop_lost(self):
+        """End every running DECODE whose conversation was reset because its saved state
+        could not be restored (STATE_LOST); an idle agent's reset shows in its slot."""
+        for agent, err in list(self.engine.lost.items()):
+            if agent in self.running:
+                self._end(self.running[agent][1], err)
+        self.engine.lost.clear()
+
+    def _step(self, runs):
+        """One engine step: (the runs that finished, None), or (all of them, the error)."""
+        try:
+            return self.engine.step(runs), None
+        except LmxError as err:
+            return runs, err
+        except Exception as exc:  # a bug must not kill the worker: report it
+            log.exception("worker: DECODE failed")
+            return runs, LmxError(Code.INTERNAL, f"worker error in DECODE: {exc}")
+
     def _start_next(self, agent):
-        """Pop the agent's next message; start a DECODE (True) or finish anything else."""
+        """Pop the agent's next job; start a DECODE (True) or finish anything else."""
         box = self.waiting[agent]
         while box:
-            msg = box.popleft()
-            if msg.verb == "UNREGISTER":
-                self._finish(msg, lambda: self.engine.unregister(agent))
+            item = box.popleft()
+            job = item.job
+            if isinstance(job, UnregisterJob):
+                self._finish(item, lambda: self.engine.unregister(agent))
                 continue
-            early = self._should_stop(msg)()
+            should_stop = self._should_stop(item)
+            early = should_stop()
             if early:
-                err = LmxError(Code.CANCELLED if early == "cancel" else Code.DEADLINE,
-                               f"{'cancelled' if early == 'cancel' else 'the deadline passed'}"
-                               " before it started")
-                self._send_result(msg, err.fields())
+                self._reply(item, error=LmxError(
+                    Code.CANCELLED if early == "cancel" else Code.DEADLINE,
+                    f"{'cancelled' if early == 'cancel' else 'the deadline passed'} before it "
+                    "started"))
                 continue
-            f = msg.fields
-            stream = self._stream(msg) if f.get("stream") else None
+            stream = self._stream(item) if job.stream else None
             try:
-                run = self.engine.start(agent, f["prompt"], f["n_predict"],
-                                        f.get("max_prompt_tokens"), on_token=stream,
-                                        should_stop=self._should_stop(msg))
+                run = self.engine.start(agent, job.prompt, job.n_predict,
+                                        job.max_prompt_tokens, on_token=stream,
+                                        should_stop=should_stop)
             except LmxError as err:
-                self._send_result(msg, err.fields())
+                self._reply(item, error=err)
                 continue
-            self.running[agent] = (msg, run)
+            self.running[agent] = (item, run)
             return True
         del self.waiting[agent]
         return False
 
-    def _end(self, run, out):
-        msg, _ = self.running.pop(run.agent)
-        self._send_result(msg, out)
+    def _end(self, run, error=None):
+        item, _ = self.running.pop(run.agent)
+        if error is not None:
+            self._reply(item, error=error)
+        else:
+            self._reply(item, out=run.result)
 
-    def _finish(self, msg, call):
+    def _finish(self, item, call):
+        """Run a job's engine call and answer it with the result record or the error."""
         try:
-            out = dict(call(), status="ok")
+            out = call()
         except LmxError as err:
-            out = err.fields()
+            self._reply(item, error=err)
+            return
         except Exception as exc:
-            log.exception("worker: %s failed", msg.verb)
-            out = LmxError(Code.INTERNAL, f"worker error in {msg.verb}: {exc}").fields()
-        self._send_result(msg, out)
+            log.exception("worker: %s failed", item.verb)
+            self._reply(item, error=LmxError(Code.INTERNAL,
+                                             f"worker error in {item.verb}: {exc}"))
+            return
+        self._reply(item, out=out)
 
-    def _send_result(self, msg, out):
-        self.cancelled.discard(msg.id)
-        out["engine"] = self.engine.summary()
-        self.sock.send_multipart(protocol.encode_request("RESULT", msg.id, **out))
+    def _reply(self, item, out=None, error=None):
+        """The job's one RESULT: the verb's record or the error, the slot, the engine."""
+        self.cancelled.discard(item.id)
+        agent = getattr(item.job, "agent", None)
+        if error is not None:
+            fields = error.fields()
+            fields.pop("status", None)
+            result = Result("error", error=fields)
+        else:
+            result = Result("ok", out=out.to_wire())
+        result.slot = self.engine.slot_state(agent) if agent is not None else None
+        result.engine = self.engine.summary()
+        self.sock.send_multipart(protocol.encode_request("RESULT", item.id,
+                                                         **result.to_wire()))
 
-    def _stream(self, msg):
+    def _stream(self, item):
         def on_token(index, token, text):
             self.sock.send_multipart(protocol.encode_request(
-                "TOKEN", msg.id, index=index, token=token, text=text))
+                "TOKEN", item.id, index=index, token=token, text=text))
         return on_token
 
-    def _should_stop(self, msg):
+    def _should_stop(self, item):
         """should_stop for a DECODE: the broker's CANCEL, or its deadline passing."""
-        deadline = msg.fields.get("deadline_ms")
-        received = msg.fields.get("_received", time.monotonic())
-        until = received + deadline / 1000 if deadline else None
+        deadline = item.job.deadline_ms
+        until = item.received + deadline / 1000 if deadline else None
 
         def should_stop():
-            if msg.id in self.cancelled:
+            if item.id in self.cancelled:
                 return "cancel"
             if until is not None and time.monotonic() >= until:
                 return "deadline"

@@ -16,6 +16,8 @@ into the old run of empty entries and the trailing empty entries into spare room
 get a rewritten copy. The layout is llama.cpp 0.3.36's ``llama_kv_cache::state_write``; anything
 that does not parse exactly raises StateFormatError, never a guess.
 """
+import llama_cpp  # noqa: F401,I001  -- before numpy in every worker module (see engine.py)
+
 import ctypes
 import struct
 

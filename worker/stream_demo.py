@@ -7,6 +7,8 @@
 Prints per-layer copy and compute times and a HEADLINE (see worker/streamer.py); with --kernel
 gemv it also checks the chained result against numpy. Exit status 1 if the check fails.
 """
+import llama_cpp  # noqa: F401,I001  -- before numpy in every worker module (see engine.py)
+
 import json
 import statistics
 import sys
@@ -178,7 +180,7 @@ def main(n_layers, bytes_per_layer, compute_iters, kernel, rows, cols, gguf, rep
     """Stream layers through two device slots and compare with the serial baseline."""
     if n_layers < 1 or repeats < 1 or bytes_per_layer < 4:
         raise click.UsageError("--n-layers, --repeats and --bytes-per-layer must be positive")
-    avail = streamer.availability()
+    avail = streamer.probe()
     if not avail["available"]:
         click.echo(f"lmx-stream-demo: streaming is not available here: {avail['reason']}",
                    err=True)

@@ -12,7 +12,11 @@ order them:
 The schedule is a pure function (plan) so its slot-reuse rule is tested without a GPU; the
 executor only follows it. The serial baseline uses the same allocations: copy, sync, compute,
 sync. Runs under NUMBA_ENABLE_CUDASIM=1 (timings are then meaningless) and on a real GPU.
+numba is imported only by the streamer itself (LayerStreamer, probe), never at worker start.
 """
+import llama_cpp  # noqa: F401,I001  -- before numpy in every worker module (see engine.py)
+
+import importlib.util
 import math
 from dataclasses import dataclass, field
 
@@ -80,8 +84,24 @@ def headline(s):
             f"ideal={s['ideal_ms']:.2f} ms, efficiency={s['efficiency']:.3f}")
 
 
-def availability():
-    """Whether numba.cuda can run the streamer here, and why not if it cannot."""
+def availability(cuda_device):
+    """Whether the streamer can run on this worker, from cheap facts only: numba is installed
+    (found, never imported: a worker starts without loading numba) and the worker runs on a
+    CUDA device. A StreamingInfo map, for READY."""
+    try:
+        numba_found = importlib.util.find_spec("numba") is not None
+    except (ImportError, ValueError):     # a broken or blocked numba
+        numba_found = False
+    if not numba_found:
+        return {"available": False, "reason": "numba is not installed"}
+    if not cuda_device:
+        return {"available": False, "reason": "the worker runs on the CPU (no CUDA device)"}
+    return {"available": True, "reason": "numba present, CUDA device"}
+
+
+def probe():
+    """What numba.cuda itself says (imports it): for the demo, which is about to use it.
+    Under NUMBA_ENABLE_CUDASIM=1 the simulator counts as available."""
     try:
         from numba import cuda
     except Exception as exc:  # numba missing or broken

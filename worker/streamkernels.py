@@ -1,4 +1,6 @@
 """numba.cuda kernels for the layer streamer demo (imported only when the demo runs)."""
+import llama_cpp  # noqa: F401,I001  -- before numpy in every worker module (see engine.py)
+
 from numba import cuda, float32
 
 

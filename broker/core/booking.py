@@ -1,0 +1,202 @@
+"""Book before build, unwind on failure, reconcile to measured (pure; the core's ledger).
+
+A REGISTER looks up the estimate, reserves the agent's context (and its model's weights when
+the model is not booked yet) in one atomic step, asks the worker to build, and is committed
+only when the worker says so; any failure releases exactly what it booked. Reconciliation
+rebooks measured + margin, but only through the ledger's check: when the margin does not fit,
+the measured bytes alone; when even they do not, the booking stays and the shortfall is logged.
+"""
+from lmx.broker.core.state import Agent, ModelBooking
+from lmx.broker.measured import with_margin
+from lmx.common.ctxspec import ContextSpec
+from lmx.common.errors import Code, LmxError, Reason
+from lmx.common.jobs import RegisterJob, UnregisterJob
+
+
+def start_register(core, op):
+    """REGISTER at the head of its lane: check, estimate, then book (or make room)."""
+    name, cfg = op.agent, core.config
+    if name in core.agents:
+        raise LmxError(Code.AGENT_EXISTS, f"agent {name!r} is already registered")
+    owned = sum(1 for a in core.agents.values() if a.owner == op.identity)
+    if owned >= cfg.max_agents_per_client:
+        raise LmxError(Code.LIMIT, f"this client already has {owned} agents (the limit)",
+                       Reason.AGENTS_PER_CLIENT, limit=cfg.max_agents_per_client)
+    core.need_worker()
+    op.estimate = core.estimate(op.fields["model"], op.fields["spec"], core.worker.kind)
+    denial = book_register(core, op)
+    if denial is None:
+        send_register(core, op)
+        return
+    if not (cfg.admit_by_parking and not core.room and denial.reason == Reason.CAP):
+        raise _deny(core, op, denial)
+    core.room.append(op)        # room.pump plans the parking, then books and sends it
+
+
+def _deny(core, op, denial):
+    core.log("info", f"admission: denied agent={op.agent} requested={denial.requested_bytes} "
+             f"allocated={denial.ledger_allocated_bytes} max={denial.ledger_max_bytes} "
+             f"reason={denial.reason}")
+    return denial.error(f"agent {op.agent!r} on {op.fields['model']}")
+
+
+def book_register(core, op, owner=None, state="registering"):
+    """Reserve the agent's context (and the weights if its model is new) atomically and
+    record both; return None, or the Denial."""
+    est, name = op.estimate, op.agent
+    mrec = core.models.get(est.path)
+    want = {f"agent:{name}": est.context}
+    if mrec is None:
+        want[f"model:{est.path}"] = est.weights
+    denial = core.ledger.try_reserve_many(want)
+    if denial is not None:
+        return denial
+    if mrec is None:
+        mrec = core.models[est.path] = ModelBooking(
+            est.path, est.fingerprint, est.weights,
+            est.estimated.get("weights_device", est.weights), est.weights_source)
+    mrec.agents.add(name)
+    spec = op.fields["spec"]
+    core.agents[name] = Agent(name, op.fields["model"], est.path, spec.n_ctx, spec.as_dict(),
+                              op.identity if owner is None else owner, est.context,
+                              est.estimated.get("context_device", est.context),
+                              est.context_source, core.wall, state=state)
+    core.log("info", f"admission: reserved agent={name} context={est.context} "
+             f"({est.context_source}) weights="
+             f"{est.weights if len(want) == 2 else 'shared'} ({est.weights_source})")
+    return None
+
+
+def send_register(core, op):
+    rec = core.agents[op.agent]
+    core.send(op, RegisterJob(op.agent, rec.path, rec.spec))
+
+
+def register_done(core, op, result):
+    """The worker built (or failed to build) a REGISTER's slot."""
+    rec, est = core.agents.get(op.agent), op.estimate
+    if not result.ok or rec is None:
+        unbook(core, op.agent, "register failed")
+        core.end(op, dict(result.error or {}, status="error", **core.ledger_numbers()))
+        return
+    out = result.out
+    rec.state = "ready"
+    core.journal.put(op.agent, {"model": rec.model, "path": rec.path, "spec": rec.spec})
+    core.lost.pop(op.agent, None)
+    mrec = core.models[rec.path]
+    if out.model_loaded and out.model_measured is not None:
+        reconcile_model(core, mrec, out.model_measured.nbytes, ContextSpec(**rec.spec))
+    from lmx.common.replies import RegisterReply
+    reply = RegisterReply(op.agent, rec.path, rec.n_ctx, rec.booked_bytes, rec.source,
+                          mrec.booked_bytes, mrec.source, est.estimated, out.model_loaded,
+                          out.model_refs, out.load_ms, list(op.parked), **core.ledger_numbers())
+    core.end(op, reply.to_wire())
+
+
+def start_unregister(core, op):
+    rec = core.agent(op.agent)
+    core.need_worker()
+    rec.state = "leaving"
+    core.send(op, UnregisterJob(op.agent))
+
+
+def unregister_done(core, op, result):
+    rec = core.agents.get(op.agent)
+    code = (result.error or {}).get("code")
+    if result.ok or code in (Code.UNKNOWN_AGENT, Code.WORKER_LOST):
+        freed = unbook(core, op.agent, "unregistered")
+        from lmx.common.replies import UnregisterReply
+        freed_model = bool(result.out and result.out.model_freed)
+        core.end(op, UnregisterReply(op.agent, freed, freed_model,
+                                     **core.ledger_numbers()).to_wire())
+        return
+    if rec is not None:
+        rec.state = "ready"
+    core.end(op, dict(result.error, status="error", **core.ledger_numbers()))
+
+
+def unbook(core, name, why):
+    """Drop an agent's context booking, and its model's when it was the last user."""
+    rec = core.agents.pop(name, None)
+    freed = core.ledger.release(f"agent:{name}")
+    mrec = core.models.get(rec.path) if rec else None
+    if mrec is not None:
+        mrec.agents.discard(name)
+        if not mrec.agents:
+            freed += core.ledger.release(f"model:{mrec.path}")
+            del core.models[mrec.path]
+    core.journal.drop(name)
+    core.log("info", f"admission: released agent={name} bytes={freed} ({why})")
+    return freed
+
+
+# -- reconciliation --------------------------------------------------------------------------
+
+def rebook(core, key, rec, measured, keep=False):
+    """Book measured + margin for key if the ledger allows; the measured bytes if only they
+    fit; else keep the booking and say by how much it is short."""
+    est = rec.estimated_bytes or 0
+    margin = with_margin(measured, core.config.measure_margin_percent)
+    core.log("info", f"reconcile: {key} estimated={est} measured={measured} "
+             f"({100.0 * (est - measured) / measured:+.1f}%) booked="
+             f"{rec.booked_bytes if keep else margin}{' (operator table kept)' if keep else ''}")
+    if keep or core.ledger.booked(key) is None:
+        return
+    for nbytes in (margin, measured):
+        if core.ledger.try_resize(key, nbytes) is None:
+            rec.booked_bytes = nbytes
+            return
+    core.log("error", f"reconcile: {key} measured {measured} bytes but only "
+             f"{core.ledger.booked(key)} are booked and the cap leaves no more")
+
+
+def reconcile_model(core, mrec, nbytes, spec):
+    """Book the model's measured weights (+ margin), unless the operator table set them."""
+    if not nbytes:
+        return
+    mrec.measured_bytes = nbytes
+    core.measured.store_weights(mrec.fingerprint, core.worker.kind, ContextSpec(
+        n_gpu_layers=spec.n_gpu_layers), with_margin(nbytes, core.config.measure_margin_percent))
+    rebook(core, f"model:{mrec.path}", mrec, nbytes, keep=mrec.source == "table")
+
+
+def reconcile_context(core, rec, nbytes):
+    """Book an agent's measured context (+ margin) and remember it for the next REGISTER."""
+    if not nbytes or rec.name not in core.agents:
+        return
+    rec.measured_bytes = nbytes
+    mrec = core.models.get(rec.path)
+    core.measured.store_context(mrec.fingerprint if mrec else "", core.worker.kind,
+                                ContextSpec(**rec.spec),
+                                with_margin(nbytes, core.config.measure_margin_percent))
+    if rec.live:
+        rebook(core, f"agent:{rec.name}", rec, nbytes)
+    else:
+        rec.booked_bytes = with_margin(nbytes, core.config.measure_margin_percent)
+
+
+def reconcile_overhead(core, engine):
+    """The worker's own device bytes on CUDA (context, cuBLAS, pools): NVML's reading of the
+    process minus llama.cpp's buffers. Raised when it grows, never lowered after measuring.
+    Nothing on CPU: there is no such overhead (a CPU reading would be noise)."""
+    if core.worker.kind != "cuda" or core.config.worker_overhead is not None or engine is None:
+        return
+    process, known = engine.process_bytes, engine.known_device_bytes
+    if process is None or known is None:
+        return
+    want = with_margin(max(process - known, 0), core.config.measure_margin_percent)
+    current = core.ledger.booked("worker:overhead") or 0
+    if want > current or not core.worker.overhead_measured:
+        core.log("info", f"reconcile: worker:overhead booked={want} measured={process - known} "
+                 f"(process {process} - buffers {known})")
+        book_fixed(core, "worker:overhead", want)
+        core.worker.overhead_measured = True
+
+
+def book_fixed(core, key, nbytes):
+    """Book (or resize) a fixed cost through the ledger's check; log when it does not fit."""
+    denial = (core.ledger.try_reserve(key, nbytes) if core.ledger.booked(key) is None
+              else core.ledger.try_resize(key, nbytes))
+    if denial is not None:
+        core.log("error", f"admission: {key} needs {nbytes} bytes but the cap leaves "
+                 f"{denial.ledger_max_bytes - denial.ledger_allocated_bytes}; not booked")

@@ -1,0 +1,87 @@
+"""What the core does with a worker's RESULT: per job verb, and the facts every result brings."""
+from lmx.broker.core import booking, room
+from lmx.common.jobs import RESULT_TYPES
+from lmx.common.replies import DecodeReply
+
+
+def on_result(core, ev):
+    """A job finished: take its facts, then finish the op that waited for it."""
+    core.worker.last_seen = ev.now
+    op = core.jobs.pop(ev.job_id, None)
+    if op is None:
+        core.log("error", f"worker: result for unknown job {ev.job_id}")
+        return
+    result = ev.result
+    if result.engine is not None:
+        core.worker.engine = result.engine
+    if result.ok and result.out is not None:
+        verb = "REGISTER" if op.verb == "RESTORE" else op.verb
+        result.out = RESULT_TYPES[verb].from_wire(result.out)
+    if result.slot is not None:
+        absorb_slot(core, result.slot)
+    _DONE[op.verb](core, op, result)
+    booking.reconcile_overhead(core, core.worker.engine)
+
+
+def absorb_slot(core, slot):
+    """Copy the worker's facts about an agent (where its state is, its length) to its record."""
+    rec = core.agents.get(slot.agent)
+    if rec is None:
+        return
+    was_in_ram = rec.parked == "ram"
+    rec.parked = None if slot.live else slot.parked
+    rec.parked_bytes = 0 if slot.live else slot.parked_bytes
+    rec.parked_pinned = slot.parked_pinned and not slot.live
+    rec.n_past, rec.batch = slot.n_past, slot.batch
+    if was_in_ram and rec.parked != "ram":
+        for other in core.agents.values():   # host budget freed: a refused PARK may fit now
+            other.unparkable = False
+
+
+def decode_done(core, op, result):
+    rec = core.agents.get(op.agent)
+    base = {"agent": op.agent, "broker_ms": round((core.now - op.t0) * 1000, 2)}
+    if not result.ok or rec is None:
+        core.end(op, dict(result.error or {}, status="error", **base))
+        return
+    out = result.out
+    if out.context_measured is not None:
+        booking.reconcile_context(core, rec, out.context_measured.nbytes)
+    rec.decodes += 1
+    rec.generated_tokens += out.generated_tokens
+    rec.last_active, rec.last_used, rec.unparkable = core.wall, core.now, False
+    reset, rec.context_reset = rec.context_reset, False     # said once, after a restart
+    stopped_by = "slow_reader" if op.slow else out.stopped_by
+    reply = DecodeReply(
+        op.agent, out.prompt_tokens, out.generated_tokens, out.stopped_on_eos, stopped_by,
+        out.elapsed_ms, op.parked[0] if op.parked else None, list(op.parked),
+        out.kv_swap_restored, out.batch, out.text, out.tokens, out.swap_ms, out.prompt_ms,
+        out.gen_ms, out.ttft_ms, round((op.sent_at - op.t0) * 1000, 2), out.n_past,
+        base["broker_ms"], reset)
+    core.end(op, reply.to_wire())
+
+
+def restore_done(core, op, result):
+    """A registered agent rebuilt on a new worker (resumed from disk, or reset)."""
+    rec = core.agents.get(op.agent)
+    if rec is None:
+        core.end(op, None)
+        return
+    if result.ok:
+        rec.state = "ready"
+        resumed = bool(result.out.resumed)
+        rec.context_reset = not resumed
+        if resumed and rec.live:             # its state is on disk: parked, nothing live
+            core.ledger.release(f"agent:{rec.name}")
+            rec.live = False
+        core.log("info", f"recovery: agent={rec.name} "
+                 f"{'resumed from disk' if resumed else 'rebuilt; its context was reset'}")
+    else:
+        from lmx.broker.core import recovery
+        recovery.mark_lost(core, rec.name, (result.error or {}).get("message",
+                                                                    "restore failed"))
+    core.end(op, None)
+
+
+_DONE = {"REGISTER": booking.register_done, "UNREGISTER": booking.unregister_done,
+         "DECODE": decode_done, "PARK": room.park_done, "RESTORE": restore_done}

@@ -1,0 +1,127 @@
+"""What the broker's core keeps: agents, model bookings, requests (ops) and per-agent lanes."""
+import collections
+from dataclasses import dataclass, field
+from typing import Optional
+
+from lmx.common import config as cfg
+from lmx.common import protocol
+
+VERSION = "0.2.0"
+
+
+@dataclass
+class BrokerConfig:
+    """Everything the broker is started with (lmx-broker's options)."""
+
+    endpoint: str = cfg.DEFAULT_ENDPOINT
+    worker_endpoint: str = ""
+    table: dict = field(default_factory=dict)
+    admission_percent: int = cfg.DEFAULT_ADMISSION_PERCENT
+    spawn_worker: bool = True
+    worker: cfg.WorkerConfig = field(default_factory=cfg.WorkerConfig)
+    worker_start_timeout: float = 120.0
+    worker_overhead: Optional[int] = None   # None: measured on CUDA (640 MiB until then), 0 on CPU
+    heartbeat_s: float = cfg.DEFAULT_HEARTBEAT_S
+    liveness: int = cfg.DEFAULT_LIVENESS
+    queue_depth: int = cfg.DEFAULT_QUEUE_DEPTH
+    max_frame_bytes: int = protocol.DEFAULT_MAX_FRAME_BYTES
+    default_n_ctx: int = cfg.DEFAULT_N_CTX
+    max_n_ctx: int = cfg.MAX_N_CTX
+    max_n_predict: int = cfg.MAX_N_PREDICT
+    max_prompt_bytes: int = cfg.MAX_PROMPT_BYTES
+    state_dir: str = ""                # journal, measured.json, parked/ ("" keeps them in memory)
+    model_dirs: tuple = ()             # REGISTER paths must lie under one of these
+    max_prompt_tokens: int = cfg.DEFAULT_MAX_PROMPT_TOKENS
+    max_agents_per_client: int = cfg.DEFAULT_MAX_AGENTS_PER_CLIENT
+    curve_secret_key: Optional[str] = None
+    curve_clients: Optional[str] = None
+    park_to_disk: bool = True          # parked state may go to files (state_dir/parked)
+    park_ram: int = 4 << 30            # host bytes for parked state (the broker's budget)
+    max_live_contexts: int = 0         # 0: as many as the ledger allows
+    admit_by_parking: bool = False     # REGISTER may park idle agents to make room
+    measure_margin_percent: int = 5    # booking after reconciliation = measured + this
+    others_margin: int = 256 << 20     # kept free below what other processes hold
+
+
+@dataclass
+class Agent:
+    """One registered agent as the broker books it (its context; the weights are the model's).
+
+    live: its context is booked. The worker's facts (where its parked state is, n_past) are
+    copied from every result that concerns it, for LIST and for the park budget."""
+
+    name: str
+    model: str
+    path: str
+    n_ctx: int
+    spec: dict
+    owner: bytes
+    booked_bytes: int                   # its context's booking while live
+    estimated_bytes: Optional[int]
+    source: str
+    registered_at: float
+    measured_bytes: Optional[int] = None
+    state: str = "registering"          # registering -> ready (-> restoring -> ready) -> leaving
+    live: bool = True
+    parked: Optional[str] = None        # "ram" or "disk" while the worker holds a parked state
+    parked_bytes: int = 0
+    parked_pinned: bool = False
+    unparkable: bool = False            # its last PARK did not fit the host-RAM budget
+    n_past: int = 0
+    batch: int = 0
+    parks: int = 0
+    decodes: int = 0
+    generated_tokens: int = 0
+    last_active: Optional[float] = None     # wall time of its last DECODE
+    last_used: float = 0.0                  # monotonic time of its last DECODE (LRU parking)
+    context_reset: bool = False         # tell the next DECODE its conversation was lost
+
+
+@dataclass
+class ModelBooking:
+    """A model's weights, booked once while any agent uses it."""
+
+    path: str
+    fingerprint: str
+    booked_bytes: int
+    estimated_bytes: int
+    source: str
+    agents: set = field(default_factory=set)
+    measured_bytes: Optional[int] = None
+
+
+@dataclass
+class Op:
+    """One request that touches an agent: a client's REGISTER, UNREGISTER or DECODE, or the
+    broker's own PARK or RESTORE. It holds its agent's lane from start to finish."""
+
+    verb: str
+    agent: str
+    fields: dict
+    t0: float
+    identity: Optional[bytes] = None    # None: the broker's own op
+    msg_id: object = None
+    deadline: Optional[float] = None
+    job_id: Optional[int] = None        # the worker job it is waiting for
+    sent_at: Optional[float] = None
+    victims: list = field(default_factory=list)    # agents to park for it, in order
+    parked: list = field(default_factory=list)     # agents parked for it so far
+    estimate: object = None             # REGISTER: its Estimate
+    for_op: Optional["Op"] = None       # PARK: the op it makes room for
+    slow: bool = False                  # its client reads too slowly: partials dropped
+
+    @property
+    def internal(self):
+        return self.identity is None
+
+
+@dataclass
+class Lane:
+    """The ops of one agent name, applied one at a time in arrival order."""
+
+    queue: collections.deque = field(default_factory=collections.deque)
+    active: Optional[Op] = None
+
+    @property
+    def idle(self):
+        return self.active is None and not self.queue

@@ -1,0 +1,212 @@
+"""The broker <-> worker contract: every job, every result, every reading, as a typed record.
+
+The broker sends a job as a request whose verb is the job's ``VERB`` and whose id is the job
+id; the worker answers each job with exactly one RESULT (same id) whose fields are
+``status`` ("ok" or "error"), the error fields on an error (``code``, ``reason``, ``message``,
+numbers), the verb's result record on success, and always ``slot`` (the job's agent as the
+worker holds it after the job, or None when it has no slot) and ``engine`` (the worker's
+summary). A streaming DECODE also gets TOKEN events before its RESULT.
+"""
+from dataclasses import dataclass, field
+from typing import ClassVar, Dict, List, Optional
+
+from lmx.common.records import Record
+
+
+# -- jobs (broker -> worker) -------------------------------------------------------------
+
+@dataclass
+class RegisterJob(Record):
+    """Acquire the model (refcounted) and create the agent's slot; resume: adopt its state
+    parked on disk before a restart."""
+
+    VERB: ClassVar[str] = "REGISTER"
+    agent: str
+    path: str
+    spec: dict
+    resume: bool = False
+
+
+@dataclass
+class UnregisterJob(Record):
+    """Free the agent's sequence or parked state, its slot and its model reference."""
+
+    VERB: ClassVar[str] = "UNREGISTER"
+    agent: str
+
+
+@dataclass
+class ParkJob(Record):
+    """Save the agent's sequence and free it. The broker's policy travels with the job: at
+    most ram_bytes of host memory for this state, else a file if disk is true, else refuse
+    (LIMIT / PARK_BUDGET) and stay live."""
+
+    VERB: ClassVar[str] = "PARK"
+    agent: str
+    ram_bytes: int
+    disk: bool
+
+
+@dataclass
+class DecodeJob(Record):
+    """Greedy-decode up to n_predict tokens after prompt; deadline_ms counts from receipt."""
+
+    VERB: ClassVar[str] = "DECODE"
+    agent: str
+    prompt: str
+    n_predict: int
+    max_prompt_tokens: Optional[int] = None
+    stream: bool = False
+    deadline_ms: Optional[int] = None
+
+
+@dataclass
+class CancelJob(Record):
+    """Out of band: stop that job at its next token (or drop it before it starts)."""
+
+    VERB: ClassVar[str] = "CANCEL"
+    job: int
+
+
+JOB_TYPES = {cls.VERB: cls for cls in (RegisterJob, UnregisterJob, ParkJob, DecodeJob,
+                                       CancelJob)}
+
+
+# -- readings ------------------------------------------------------------------------------
+
+@dataclass
+class StreamingInfo(Record):
+    """Whether the layer streamer can run on the worker's device."""
+
+    available: bool = False
+    reason: Optional[str] = None
+
+
+@dataclass
+class DeviceReading(Record):
+    """One reading of the worker's device: NVML on a GPU, the declared size on CPU."""
+
+    kind: str = "cpu"
+    source: str = "declared"
+    name: str = ""
+    total_bytes: int = 0
+    used_bytes: Optional[int] = None
+    free_bytes: Optional[int] = None
+    process_bytes: Optional[int] = None     # this worker process's own device bytes
+    index: Optional[int] = None
+    nvml_total_bytes: Optional[int] = None
+
+
+@dataclass
+class SlotState(Record):
+    """One agent as the worker holds it: facts, never decisions."""
+
+    agent: str
+    model: str = ""
+    n_ctx: int = 0
+    n_past: int = 0             # tokens in its KV (or its parked state), pending one included
+    live: bool = False          # it has a sequence in a group's context
+    parked: Optional[str] = None    # "ram", "disk", or None (live, or nothing to keep)
+    parked_bytes: int = 0
+    parked_pinned: bool = False
+    batch: int = 0              # agents in its group while live
+    parks: int = 0
+    decodes: int = 0
+    generated: int = 0
+
+
+@dataclass
+class ModelState(Record):
+    """A loaded model: its refcount and llama.cpp's buffer sizes."""
+
+    refs: int = 0
+    buffers: dict = field(default_factory=dict)
+
+
+@dataclass
+class EngineSummary(Record):
+    """The worker's engine after a job: what STATUS and LIST show of the worker."""
+
+    live_agents: List[str] = field(default_factory=list)
+    groups: List[int] = field(default_factory=list)     # members per shared context
+    known_device_bytes: int = 0       # llama.cpp's device buffers: models, contexts
+    process_bytes: Optional[int] = None
+    parked_ram_bytes: int = 0
+    models: Dict[str, ModelState] = field(default_factory=dict)
+
+
+@dataclass
+class Measured(Record):
+    """What llama.cpp really allocated for a model or a context."""
+
+    device_bytes: int = 0
+    nvml_delta: Optional[int] = None
+    buffers: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self):
+        """The larger of llama.cpp's buffer report and NVML's change of the process."""
+        return max(self.device_bytes or 0, self.nvml_delta or 0)
+
+
+# -- results (worker -> broker), per job verb ------------------------------------------------
+
+@dataclass
+class RegisterResult(Record):
+    model_loaded: bool = False
+    model_refs: int = 0
+    resumed: bool = False
+    load_ms: float = 0.0
+    n_vocab: int = 0
+    buffers: dict = field(default_factory=dict)
+    model_measured: Optional[Measured] = None
+
+
+@dataclass
+class UnregisterResult(Record):
+    model_freed: bool = False
+
+
+@dataclass
+class ParkResult(Record):
+    parked: Optional[str] = None      # "ram", "disk", or None (it had no state)
+    parked_bytes: int = 0
+
+
+@dataclass
+class DecodeResult(Record):
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    stopped_on_eos: bool = False
+    stopped_by: Optional[str] = None  # "cancel", "deadline" or None
+    elapsed_ms: float = 0.0
+    swap_ms: float = 0.0
+    prompt_ms: float = 0.0
+    gen_ms: float = 0.0
+    ttft_ms: Optional[float] = None
+    kv_swap_restored: bool = False
+    batch: int = 0
+    n_past: int = 0
+    text: str = ""
+    tokens: List[int] = field(default_factory=list)
+    context_measured: Optional[Measured] = None   # the context was built for it alone
+
+
+RESULT_TYPES = {"REGISTER": RegisterResult, "UNREGISTER": UnregisterResult,
+                "PARK": ParkResult, "DECODE": DecodeResult}
+
+
+@dataclass
+class Result(Record):
+    """A RESULT event: the status, the error fields or the verb's result, the agent's slot
+    and the engine summary. ``out`` is rebuilt by the broker with RESULT_TYPES[job verb]."""
+
+    status: str
+    slot: Optional[SlotState] = None
+    engine: Optional[EngineSummary] = None
+    error: Optional[dict] = None      # code, reason, message and numbers (status "error")
+    out: Optional[dict] = None        # the verb's result record as a map (status "ok")
+
+    @property
+    def ok(self):
+        return self.status == "ok"

@@ -1,0 +1,187 @@
+"""What the broker answers a client: one typed record per verb (README's protocol table).
+
+Every ok reply is one of these records' ``to_wire()`` plus the envelope (``v``, ``id``,
+``status``); an error reply is ``LmxError.fields()``. Clients get plain maps; tests and the
+gateway may rebuild a record with ``from_wire``.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from lmx.common.records import Record
+
+
+@dataclass
+class LedgerNumbers(Record):
+    """The ledger after a change: cap and allocated bytes."""
+
+    ledger_max_bytes: int = 0
+    ledger_allocated_bytes: int = 0
+
+
+@dataclass
+class RegisterReply(Record):
+    agent: str
+    path: str
+    n_ctx: int
+    booked_bytes: int              # its context
+    estimate_source: str
+    model_booked_bytes: int
+    weights_source: str
+    estimate: dict
+    model_loaded: bool
+    model_refs: int
+    load_ms: float
+    kv_swap_parked: List[str] = field(default_factory=list)   # idle agents parked for it
+    ledger_max_bytes: int = 0
+    ledger_allocated_bytes: int = 0
+
+
+@dataclass
+class UnregisterReply(Record):
+    agent: str
+    released_bytes: int
+    model_freed: bool
+    ledger_max_bytes: int = 0
+    ledger_allocated_bytes: int = 0
+
+
+@dataclass
+class DecodeReply(Record):
+    agent: str
+    prompt_tokens: int
+    generated_tokens: int
+    stopped_on_eos: bool
+    stopped_by: Optional[str]      # "cancel", "deadline", "slow_reader" or None
+    elapsed_ms: float
+    kv_swap_evicted: Optional[str]  # the first of kv_swap_parked (kept for v1.0 clients)
+    kv_swap_parked: List[str]       # every idle agent parked to make this agent live
+    kv_swap_restored: bool
+    batch: int
+    text: str
+    tokens: List[int]
+    swap_ms: float
+    prompt_ms: float
+    gen_ms: float
+    ttft_ms: Optional[float]
+    queue_ms: Optional[float]
+    n_past: int
+    broker_ms: float
+    context_reset: bool = False    # true once, after a restart lost this agent's context
+
+
+@dataclass
+class PartialReply(Record):
+    """One streamed token (status "partial"), before the final reply."""
+
+    agent: str
+    index: int
+    token: int
+    text: str
+
+
+@dataclass
+class CancelReply(Record):
+    agent: str
+    request: object
+    cancelled: str                 # "queued" (dropped by the broker) or "sent" (to the worker)
+
+
+@dataclass
+class AgentRecord(Record):
+    """One agent as LIST shows it."""
+
+    agent: str
+    model: str
+    path: str
+    n_ctx: int
+    spec: dict
+    state: str                     # registering, ready, restoring, leaving
+    residence: str                 # live, parking, parked_ram, parked_disk, parked_empty
+    live: bool
+    booked_bytes: int              # its context while live
+    booked_now_bytes: int          # what the ledger holds for it now (0 while parked)
+    estimated_bytes: Optional[int]
+    measured_bytes: Optional[int]
+    source: str
+    parked_bytes: int
+    parked_pinned: bool
+    parked_on_disk: bool
+    batch: int
+    n_past: int
+    queue_depth: int               # its requests queued, waiting for room or running
+    decodes: int
+    generated_tokens: int
+    parks: int
+    owner: str
+    registered_at: float
+    last_active: Optional[float]
+
+
+@dataclass
+class AgentState(Record):
+    """The short per-agent view STATUS carries."""
+
+    residence: str
+    booked_now_bytes: int
+    parked_bytes: int
+    queue_depth: int
+    generated_tokens: int
+    last_active: Optional[float]
+
+
+@dataclass
+class ModelRecord(Record):
+    path: str
+    agents: int
+    booked_bytes: int
+    estimated_bytes: Optional[int] = None
+    measured_bytes: Optional[int] = None
+    source: Optional[str] = None
+    context_booked_bytes: int = 0
+    worker_refs: int = 0
+
+
+@dataclass
+class StatusReply(Record):
+    version: str
+    protocol: List[int]
+    endpoint: str
+    ledger_max_bytes: int
+    ledger_allocated_bytes: int
+    admission_percent: int
+    ledger_percent_cap_bytes: int
+    external_bytes: Optional[int]
+    bookings: Dict[str, int]
+    device_kind: Optional[str]
+    device_name: Optional[str]
+    device_source: Optional[str]
+    device_total_bytes: Optional[int]
+    device_used_bytes: Optional[int]
+    device_free_bytes: Optional[int]
+    worker_pid: Optional[int]
+    worker_state: str
+    worker_restarts: int
+    worker_process_bytes: Optional[int]
+    streaming_available: bool
+    streaming_reason: Optional[str]
+    live_agents: List[str]
+    batch_groups: List[int]
+    parked_ram_bytes: int
+    park_ram_budget: int
+    waiting_for_room: int
+    agent_states: Dict[str, AgentState]
+    models: List[ModelRecord]
+    agents: int
+    queue_depth: int
+    inflight: int
+
+
+@dataclass
+class ListReply(Record):
+    agents: List[AgentRecord]
+
+
+@dataclass
+class HelpReply(Record):
+    protocol: List[int]
+    verbs: dict

@@ -1,0 +1,153 @@
+"""A pure harness for the broker's core: fake estimates, an in-memory journal, and a fake
+worker that answers the jobs the core sends (no sockets, no processes, no clock)."""
+from dataclasses import dataclass, field
+
+from lmx.broker.core import BrokerConfig, Core
+from lmx.broker.core.events import (ClientRequest, Reply, SendJob, Tick, WorkerReady,
+                                    WorkerResult)
+from lmx.common.errors import Code, LmxError, Reason
+from lmx.common.jobs import (DecodeResult, DeviceReading, EngineSummary, ParkResult,
+                             RegisterResult, Result, SlotState, UnregisterResult)
+
+MiB = 1 << 20
+WEIGHTS = {"small": 100 * MiB, "big": 300 * MiB}
+CONTEXT = 50 * MiB
+STATE_BYTES_PER_TOKEN = 1000
+
+
+@dataclass
+class FakeEstimate:
+    path: str
+    weights: int
+    context: int
+    weights_source: str = "estimator"
+    context_source: str = "estimator"
+    fingerprint: str = "fp"
+    estimated: dict = field(default_factory=dict)
+
+
+def fake_estimate(model, spec, kind):
+    if model not in WEIGHTS:
+        raise LmxError(Code.MODEL_ERROR, f"unknown model key {model!r}", Reason.UNKNOWN_KEY)
+    return FakeEstimate(f"/models/{model}.gguf", WEIGHTS[model], CONTEXT)
+
+
+class MemJournal:
+    def __init__(self, agents=None):
+        self.agents = dict(agents or {})
+
+    def put(self, agent, entry):
+        self.agents[agent] = entry
+
+    def drop(self, agent):
+        self.agents.pop(agent, None)
+
+
+class MemMeasured:
+    def store_weights(self, *args):
+        pass
+
+    def store_context(self, *args):
+        pass
+
+
+class FakeWorker:
+    """Holds slots like the real worker would and answers jobs; park refusals follow the
+    budget the broker sends (ram_bytes, disk) exactly as the engine does."""
+
+    def __init__(self):
+        self.slots = {}           # agent -> SlotState
+        self.pending = []         # SendJob actions not answered yet
+
+    def answer(self, job, fail=None):
+        f, verb = job.fields, job.verb
+        slot = self.slots.get(f.get("agent"))
+        if fail is not None:
+            return Result("error", slot, EngineSummary(), dict(code=fail, reason="",
+                                                                message="injected"))
+        if verb == "REGISTER":
+            self.slots[f["agent"]] = SlotState(f["agent"], f["path"])
+            return self._ok(f["agent"], RegisterResult(model_loaded=True, model_refs=1))
+        if verb == "UNREGISTER":
+            self.slots.pop(f["agent"], None)
+            return self._ok(f["agent"], UnregisterResult(model_freed=False))
+        if verb == "PARK":
+            return self._park(slot, f)
+        if verb == "DECODE":
+            slot.live, slot.parked, slot.parked_bytes = True, None, 0
+            slot.n_past += f["n_predict"] + 1
+            return self._ok(f["agent"], DecodeResult(prompt_tokens=1,
+                                                     generated_tokens=f["n_predict"],
+                                                     text="x" * f["n_predict"]))
+        raise AssertionError(f"unexpected job {verb}")
+
+    def _park(self, slot, f):
+        size = slot.n_past * STATE_BYTES_PER_TOKEN
+        if size and size > f["ram_bytes"] and not f["disk"]:
+            err = LmxError(Code.LIMIT, "no room", Reason.PARK_BUDGET, needed=size).fields()
+            err.pop("status")
+            return Result("error", slot, EngineSummary(), err)
+        where = None if not size else "ram" if size <= f["ram_bytes"] else "disk"
+        slot.live, slot.parked, slot.parked_bytes = False, where, size
+        return self._ok(slot.agent, ParkResult(where, size))
+
+    def _ok(self, agent, out):
+        return Result("ok", self.slots.get(agent), EngineSummary(), out=out.to_wire())
+
+
+class Harness:
+    """A core, a fake worker, a fake clock; every reply collected per (identity, id)."""
+
+    def __init__(self, total=1000 * MiB, **config):
+        config.setdefault("admission_percent", 100)
+        self.core = Core(BrokerConfig(**config), fake_estimate, MemMeasured(), MemJournal())
+        self.worker = FakeWorker()
+        self.now = 0.0
+        self.ids = iter(range(1, 1 << 30))
+        self.replies = {}
+        self.ledger_trace = []
+        self.feed(WorkerReady(1, DeviceReading("cpu", "declared", "cpu", total), self.now))
+
+    def feed(self, event):
+        for action in self.core.handle(event):
+            if isinstance(action, Reply):
+                self.replies.setdefault((action.identity, action.msg_id), []).append(
+                    action.fields if action.fields is not None else self.core.status_fields())
+            elif isinstance(action, SendJob):
+                self.worker.pending.append(action)
+        led = self.core.ledger
+        self.ledger_trace.append((led.allocated_bytes, led.max_bytes))
+        return self
+
+    def send(self, verb, client=b"c1", **fields):
+        msg_id = next(self.ids)
+        self.now += 0.001
+        self.feed(ClientRequest(client, msg_id, verb, fields, self.now, self.now))
+        return msg_id
+
+    def tick(self, dt=0.0):
+        self.now += dt
+        return self.feed(Tick(self.now, self.now))
+
+    def run_jobs(self, fail=None, limit=1000):
+        """Answer every job the core has sent (and those it sends meanwhile)."""
+        for _ in range(limit):
+            if not self.worker.pending:
+                return
+            self.answer(0, fail)
+        raise AssertionError("jobs never stopped coming")
+
+    def answer(self, index=0, fail=None):
+        job = self.worker.pending.pop(index)
+        self.now += 0.001
+        self.feed(WorkerResult(job.job_id, self.worker.answer(job, fail), self.now, self.now))
+        self.feed(Tick(self.now, self.now))   # the heartbeat's role: the worker is alive
+        return job
+
+    def final(self, msg_id, client=b"c1"):
+        got = [r for r in self.replies.get((client, msg_id), []) if r.get("status") != "partial"]
+        assert len(got) <= 1, f"more than one final reply: {got}"
+        return got[0] if got else None
+
+    def jobs(self, verb=None):
+        return [j for j in self.worker.pending if verb is None or j.verb == verb]

@@ -1,0 +1,241 @@
+"""The broker's pure core, event by event: no sockets, no processes, milliseconds each."""
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from core_harness import CONTEXT, WEIGHTS, Harness, MiB
+from lmx.broker.core.events import CancelJob, KillWorker, SpawnWorker, WorkerLost, WorkerReady
+from lmx.common.errors import Code, Reason
+from lmx.common.jobs import DeviceReading, EngineSummary
+
+
+def test_register_decode_unregister_books_and_releases_everything():
+    h = Harness()
+    reg = h.send("REGISTER", agent="a", model="small")
+    assert h.core.ledger.allocated_bytes == WEIGHTS["small"] + CONTEXT   # booked before built
+    assert [j.verb for j in h.jobs()] == ["REGISTER"]
+    h.run_jobs()
+    assert h.final(reg)["status"] == "ok" and h.final(reg)["booked_bytes"] == CONTEXT
+    dec = h.send("DECODE", agent="a", prompt="hi", n_predict=3)
+    h.run_jobs()
+    assert h.final(dec)["generated_tokens"] == 3 and h.final(dec)["kv_swap_parked"] == []
+    unr = h.send("UNREGISTER", agent="a")
+    h.run_jobs()
+    assert h.final(unr)["released_bytes"] == WEIGHTS["small"] + CONTEXT
+    assert h.core.ledger.allocated_bytes == 0 and not h.core.agents and not h.core.lanes
+
+
+def test_a_register_over_the_cap_is_refused_with_the_numbers_and_books_nothing():
+    h = Harness(total=120 * MiB)
+    reg = h.send("REGISTER", agent="a", model="small")
+    err = h.final(reg)
+    assert (err["code"], err["reason"]) == (Code.VRAM_LEDGER_DENY, Reason.CAP)
+    assert err["requested_bytes"] == WEIGHTS["small"] + CONTEXT
+    assert err["ledger_max_bytes"] == 120 * MiB and err["ledger_allocated_bytes"] == 0
+    assert h.core.ledger.allocated_bytes == 0 and not h.jobs()
+
+
+def test_a_failed_build_unwinds_the_booking():
+    h = Harness()
+    reg = h.send("REGISTER", agent="a", model="small")
+    h.run_jobs(fail=Code.MODEL_ERROR)
+    assert h.final(reg)["code"] == Code.MODEL_ERROR
+    assert h.core.ledger.allocated_bytes == 0 and not h.core.agents and not h.core.models
+
+
+def test_pipelined_requests_on_one_agent_apply_in_the_order_sent():
+    h = Harness()
+    ids = [h.send(verb, agent="p", model="small") if verb == "REGISTER" else
+           h.send(verb, agent="p") for verb in ["REGISTER", "UNREGISTER"] * 3]
+    assert len(h.jobs()) == 1            # one job per agent at the worker at a time
+    h.run_jobs()
+    assert [h.final(i)["status"] for i in ids] == ["ok"] * 6
+    assert h.core.ledger.allocated_bytes == 0
+
+
+def test_cancel_of_a_queued_decode_answers_at_once():
+    h = Harness()
+    h.send("REGISTER", agent="a", model="small")
+    h.run_jobs()
+    running = h.send("DECODE", agent="a", prompt="x", n_predict=50)
+    queued = h.send("DECODE", agent="a", prompt="y", n_predict=5)
+    cancel = h.send("CANCEL", agent="a", request=queued)
+    assert h.final(cancel)["cancelled"] == "queued"
+    assert h.final(queued)["code"] == Code.CANCELLED          # before the running one ends
+    assert h.final(running) is None and len(h.jobs("DECODE")) == 1
+
+
+def test_cancel_of_a_running_decode_goes_to_the_worker():
+    h = Harness()
+    h.send("REGISTER", agent="a", model="small")
+    h.run_jobs()
+    running = h.send("DECODE", agent="a", prompt="x", n_predict=50)
+    actions = h.core.handle(__import__("lmx.broker.core.events", fromlist=["ClientRequest"])
+                            .ClientRequest(b"c1", 99, "CANCEL", {"agent": "a",
+                                                                 "request": running}, 1, 1))
+    assert any(isinstance(a, CancelJob) and a.job_id == h.jobs("DECODE")[0].job_id
+               for a in actions)
+
+
+def test_a_queued_decode_expires_at_its_deadline_not_when_the_one_ahead_ends():
+    h = Harness()
+    h.send("REGISTER", agent="a", model="small")
+    h.run_jobs()
+    h.send("DECODE", agent="a", prompt="x", n_predict=50)
+    late = h.send("DECODE", agent="a", prompt="y", n_predict=5, deadline_ms=300)
+    h.tick(0.2)
+    assert h.final(late) is None
+    h.tick(0.2)
+    assert h.final(late)["code"] == Code.DEADLINE
+
+
+def _two_live_then_third(h):
+    for name in ("a", "b"):
+        h.send("REGISTER", agent=name, model="small")
+        h.run_jobs()
+        h.send("DECODE", agent=name, prompt="x", n_predict=4)
+        h.run_jobs()
+
+
+def test_parking_is_confirmed_before_the_freed_bytes_are_booked_again():
+    # room for the weights and two contexts: the third agent's DECODE must park one
+    h = Harness(total=WEIGHTS["small"] + 2 * CONTEXT, admit_by_parking=True)
+    _two_live_then_third(h)
+    reg = h.send("REGISTER", agent="c", model="small")
+    assert [j.verb for j in h.jobs()] == ["PARK"] and h.jobs()[0].fields["agent"] == "a"
+    before = h.core.ledger.allocated_bytes
+    assert before == WEIGHTS["small"] + 2 * CONTEXT        # nothing released yet
+    h.answer()                                              # the worker confirms the PARK
+    assert [j.verb for j in h.jobs()] == ["REGISTER"]
+    h.run_jobs()
+    assert h.final(reg)["status"] == "ok" and h.final(reg)["kv_swap_parked"] == ["a"]
+    dec = h.send("DECODE", agent="a", prompt="more", n_predict=2)   # a is parked: park c
+    assert [j.verb for j in h.jobs()] == ["PARK"] and h.jobs()[0].fields["agent"] == "c"
+    h.run_jobs()                                            # (never used: least recently)
+    assert h.final(dec)["kv_swap_evicted"] == "c" and h.final(dec)["kv_swap_parked"] == ["c"]
+    assert all(alloc <= cap for alloc, cap in h.ledger_trace)
+
+
+def test_a_refused_park_keeps_the_victim_booked_and_the_waiter_gets_the_reason():
+    h = Harness(total=WEIGHTS["small"] + 2 * CONTEXT, park_ram=10, park_to_disk=False)
+    _two_live_then_third(h)
+    h.send("DECODE", agent="a", prompt="x", n_predict=1)
+    h.run_jobs()
+    # c registers into the room a leaves... there is none: REGISTER does not park here
+    h.core.config.admit_by_parking = True
+    reg = h.send("REGISTER", agent="c", model="small")
+    assert [j.verb for j in h.jobs()] == ["PARK"]
+    h.run_jobs()                    # refused: over the 10-byte budget, no disk
+    err = h.final(reg)
+    assert err["status"] == "error"
+    assert h.core.agents["b"].live and h.core.ledger.booked("agent:b") == CONTEXT
+    assert all(alloc <= cap for alloc, cap in h.ledger_trace)
+
+
+def test_park_budget_is_the_brokers_the_worker_gets_the_room_left():
+    h = Harness(total=WEIGHTS["small"] + 2 * CONTEXT, admit_by_parking=True, park_ram=10_000)
+    _two_live_then_third(h)
+    h.send("REGISTER", agent="c", model="small")
+    assert h.jobs("PARK")[0].fields["ram_bytes"] == 10_000
+    h.run_jobs()                                          # a parks 5,000 bytes in RAM
+    assert h.core.agents["a"].parked == "ram"
+    h.send("DECODE", agent="c", prompt="x", n_predict=2)
+    h.run_jobs()
+    h.send("REGISTER", agent="d", model="small")         # parks b: 5,000 bytes are left
+    assert h.jobs("PARK")[0].fields["ram_bytes"] == 10_000 - h.core.agents["a"].parked_bytes
+
+
+def test_worker_lost_fails_everything_held_and_keeps_the_bookings():
+    h = Harness()
+    h.send("REGISTER", agent="a", model="small")
+    h.run_jobs()
+    running = h.send("DECODE", agent="a", prompt="x", n_predict=50)
+    queued = h.send("DECODE", agent="a", prompt="y", n_predict=5)
+    booked = h.core.ledger.allocated_bytes
+    actions = h.core.handle(WorkerLost("exited", h.now))
+    assert any(isinstance(a, SpawnWorker) for a in actions)
+    h.worker.pending.clear()
+    codes = [a.fields["code"] for a in actions if hasattr(a, "fields") and a.fields]
+    assert codes.count(Code.WORKER_LOST) == 2 and h.core.ledger.allocated_bytes == booked
+    assert (running, queued) and h.core.agents["a"].state == "restoring"
+    h.feed(WorkerReady(2, DeviceReading("cpu", "declared", "cpu", 1000 * MiB), h.now))
+    assert [(j.verb, j.fields["resume"]) for j in h.jobs()] == [("REGISTER", True)]
+    dec = h.send("DECODE", agent="a", prompt="z", n_predict=1)   # waits behind the restore
+    h.run_jobs()
+    assert h.final(dec)["context_reset"] is True
+
+
+def test_a_silent_worker_is_killed_after_liveness_intervals():
+    h = Harness(heartbeat_s=1.0, liveness=2)
+    actions = h.core.handle(__import__("lmx.broker.core.events", fromlist=["Tick"])
+                            .Tick(h.now + 2.5, 0))
+    assert any(isinstance(a, KillWorker) for a in actions)
+    assert h.core.worker.state == "lost"
+
+
+def test_no_overhead_is_booked_on_a_cpu_worker_whatever_its_readings():
+    h = Harness()
+    h.send("REGISTER", agent="a", model="small")
+    job = h.jobs()[0]
+    result = h.worker.answer(job)
+    result.engine = EngineSummary(known_device_bytes=5 * MiB, process_bytes=0)
+    h.feed(__import__("lmx.broker.core.events", fromlist=["WorkerResult"])
+           .WorkerResult(job.job_id, result, h.now, h.now))
+    h.send("UNREGISTER", agent="a")
+    h.run_jobs()
+    assert h.core.ledger.allocated_bytes == 0 and h.core.ledger.booked("worker:overhead") is None
+
+
+# -- property: random traffic never overbooks and never leaves a booking without its agent --
+
+OPS = st.lists(st.tuples(st.sampled_from(["register", "decode", "unregister", "cancel",
+                                          "answer", "fail", "tick", "lost"]),
+                         st.sampled_from(["a", "b", "c", "d"]), st.integers(0, 3)),
+               max_size=60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(OPS, st.booleans(), st.sampled_from([0, 2_000, 1 << 30]), st.integers(0, 2))
+def test_random_traffic_never_overbooks(ops, by_parking, park_ram, max_live):
+    h = Harness(total=WEIGHTS["small"] + WEIGHTS["big"] + 3 * CONTEXT,
+                admit_by_parking=by_parking, park_ram=park_ram, park_to_disk=park_ram == 0,
+                state_dir="/nonexistent-state" if park_ram == 0 else "",
+                max_live_contexts=max_live)
+    sent = []
+    for op, name, k in ops:
+        if op == "register":
+            h.send("REGISTER", agent=name, model="big" if k == 3 else "small")
+        elif op == "decode":
+            sent.append((name, h.send("DECODE", agent=name, prompt="p", n_predict=k + 1,
+                                      deadline_ms=50 if k == 0 else None)))
+        elif op == "unregister":
+            h.send("UNREGISTER", agent=name)
+        elif op == "cancel" and sent:
+            h.send("CANCEL", agent=sent[k % len(sent)][0], request=sent[k % len(sent)][1])
+        elif op in ("answer", "fail") and h.worker.pending:
+            h.answer(k % len(h.worker.pending), Code.MODEL_ERROR if op == "fail" else None)
+        elif op == "tick":
+            h.tick(0.03)
+        elif op == "lost":
+            h.feed(WorkerLost("exited", h.now))
+            h.worker.pending.clear()
+            h.feed(WorkerReady(9, DeviceReading("cpu", "declared", "cpu",
+                                                h.core.ledger.total_bytes), h.now))
+        _check_invariants(h)
+    h.run_jobs()
+    _check_invariants(h)
+    assert not h.core.jobs and not h.core.room, "work left behind after every job answered"
+
+
+def _check_invariants(h):
+    core = h.core
+    led = core.ledger
+    assert led.allocated_bytes <= led.max_bytes
+    assert led.allocated_bytes == sum(led.snapshot()["bookings"].values())
+    for key in led.snapshot()["bookings"]:
+        kind, _, name = key.partition(":")
+        if kind == "agent":
+            assert name in core.agents and core.agents[name].live, key
+        elif kind == "model":
+            assert core.models[name].agents, key
+    for rec in core.agents.values():
+        assert rec.live == (led.booked(f"agent:{rec.name}") is not None)

@@ -1,0 +1,146 @@
+"""Parking on the engine: an agent's sequence saved to host memory or a file, and restored into
+its next group (mixed into Engine).
+
+Where a state goes is the broker's policy, carried by each PARK (``ram_bytes``, ``disk``): a
+state of at most ``ram_bytes`` stays in host memory (pinned on CUDA), with a copy in
+``park_dir`` when ``disk`` allows it, so a restart can resume the conversation; a larger one goes
+to a file when ``disk`` allows it; otherwise the PARK is refused (LIMIT / PARK_BUDGET) and the
+agent stays live, untouched. The engine keeps no budget; it reports the host bytes it holds.
+A state that cannot be restored resets the agent's conversation and raises STATE_LOST.
+"""
+import llama_cpp  # noqa: I001  -- must precede numpy: the CUDA load segfaulted otherwise
+
+import ctypes
+import logging
+import os
+
+from lmx.common.errors import Code, LmxError, Reason
+from lmx.common.jobs import ParkResult
+from lmx.worker import parkdisk, seqstate
+from lmx.worker.device import HostBuffer
+
+log = logging.getLogger("lmx.worker")
+STATE_FORMAT = "seq-1"               # what the parked files hold: llama_state_seq_get_data
+
+
+class ParkMixin:
+    """park / resume / restore over the Engine's slots (needs parked_ram, park_dir, pinned,
+    lost)."""
+
+    def _disk_key(self, slot):
+        return {"model": slot.model.path, "model_size": os.path.getsize(slot.model.path),
+                "spec": slot.spec.as_dict(), "format": STATE_FORMAT}
+
+    def _resume(self, slot):
+        """Adopt state parked on disk before a restart; True if there was a valid one."""
+        found = self.park_dir and parkdisk.load(self.park_dir, slot.agent, self._disk_key(slot))
+        if not found:
+            return False
+        raw, meta = found
+        slot.on_disk, slot.parked_bytes = True, len(raw)
+        slot.n_past, slot.pending = meta["n_past"], meta["pending"]
+        log.info("worker: resumed %s from disk (%d tokens)", slot.agent, slot.n_past)
+        return True
+
+    def park(self, agent, ram_bytes, disk):
+        """Save the agent's sequence and leave its group: to host memory if it needs at most
+        ram_bytes (plus a copy on disk when disk is true and there is a park_dir), else to a
+        file if disk is true (and there is a park_dir), else LIMIT / PARK_BUDGET with the agent
+        still live and unchanged. A ParkResult: "ram", "disk", or None (nothing to keep)."""
+        slot = self._slot(agent)
+        if slot.group is None:
+            return ParkResult(self._where(slot), slot.parked_bytes)
+        group = slot.group
+        if slot.n_past:
+            size = llama_cpp.llama_state_seq_get_size(group.ctx, slot.seq)
+            to_disk = bool(disk and self.park_dir)
+            in_ram = size <= ram_bytes
+            if not in_ram and not to_disk:
+                raise LmxError(Code.LIMIT, f"parking {agent!r} needs {size} bytes of host "
+                               f"memory, {ram_bytes} allowed, and "
+                               f"{'no state directory' if disk else 'no disk'}",
+                               Reason.PARK_BUDGET, needed=size, ram_bytes=ram_bytes)
+            self._save_parked(slot, in_ram, to_disk)
+        self._regroup(group, [s for s in group.members if s is not slot])
+        slot.parks += 1
+        return ParkResult(self._where(slot), slot.parked_bytes)
+
+    def _save_parked(self, slot, in_ram, to_disk):
+        """Save the live sequence: kept in host memory (in_ram) and/or written to a file."""
+        buf = self._seq_save(slot.group.ctx, slot.seq)
+        if to_disk:     # in RAM too: a copy, so a restart can resume the conversation
+            meta = dict(self._disk_key(slot), n_past=slot.n_past, pending=slot.pending)
+            parkdisk.save(self.park_dir, slot.agent, ctypes.string_at(buf.data, buf.nbytes),
+                          meta)
+        slot.parked_bytes = buf.nbytes
+        if in_ram:
+            slot.parked = buf
+            self.parked_ram += buf.nbytes
+        else:
+            slot.on_disk = True
+            buf.free()
+
+    def _restore(self, slot):
+        """Load the slot's parked state into its new sequence; STATE_LOST (and a reset
+        conversation) if it cannot be."""
+        if slot.parked is not None:
+            buf = slot.parked
+            address, nbytes, capacity = ctypes.addressof(buf.data.contents), slot.parked_bytes, \
+                buf.capacity
+        else:
+            found = parkdisk.load(self.park_dir, slot.agent, self._disk_key(slot)) \
+                if self.park_dir else None
+            if not found:
+                slot.on_disk = False
+                raise self._lose(slot, f"the state of {slot.agent!r} on disk is gone")
+            raw = found[0]
+            nbytes, capacity = len(raw), len(raw) + seqstate.SPARE
+            room = bytearray(capacity)
+            room[:nbytes] = raw
+            data = (ctypes.c_uint8 * capacity).from_buffer(room)
+            address = ctypes.addressof(data)
+        try:
+            self._seq_load(slot.group, slot.seq, address, nbytes, capacity, slot)
+        finally:
+            self._drop_parked(slot)
+            if self.park_dir:
+                parkdisk.remove(self.park_dir, slot.agent)  # the live sequence is the truth now
+
+    def _seq_save(self, ctx, seq):
+        size = llama_cpp.llama_state_seq_get_size(ctx, seq)
+        buf = HostBuffer(size + seqstate.SPARE, self.pinned)   # room to re-address in place
+        buf.capacity = size + seqstate.SPARE
+        buf.nbytes = llama_cpp.llama_state_seq_get_data(ctx, buf.data, size, seq)
+        return buf
+
+    def _seq_load(self, group, seq, address, nbytes, capacity, slot):
+        """Restore a saved sequence state (at address) into the group's sequence seq; on
+        failure the slot's conversation is reset and STATE_LOST raised."""
+        try:
+            address, nbytes, keep = seqstate.restream(address, nbytes, capacity,
+                                                      group.n_stream)
+        except seqstate.StateFormatError as exc:
+            raise self._lose(slot, f"the saved state of {slot.agent!r} cannot be restored "
+                             f"({exc})") from None
+        data = ctypes.cast(address, ctypes.POINTER(ctypes.c_uint8))
+        if llama_cpp.llama_state_seq_set_data(group.ctx, data, nbytes, seq) == 0:
+            raise self._lose(slot, f"llama.cpp refused the saved state of {slot.agent!r}")
+        del keep
+
+    def _lose(self, slot, why):
+        """Reset the slot's conversation and note it in self.lost; the STATE_LOST error."""
+        slot.n_past, slot.pending = 0, []
+        err = LmxError(Code.STATE_LOST, f"{why}; its conversation was reset", agent=slot.agent)
+        self.lost[slot.agent] = err
+        return err
+
+    def _where(self, slot):
+        if slot.group is not None:
+            return None
+        return "ram" if slot.parked is not None else "disk" if slot.on_disk else None
+
+    def _drop_parked(self, slot):
+        if slot.parked is not None:
+            self.parked_ram -= slot.parked_bytes
+            slot.parked.free()
+        slot.parked, slot.parked_bytes, slot.on_disk = None, 0, False
