@@ -239,3 +239,49 @@ def _check_invariants(h):
             assert core.models[name].agents, key
     for rec in core.agents.values():
         assert rec.live == (led.booked(f"agent:{rec.name}") is not None)
+
+
+def test_while_one_waits_for_room_a_live_agents_decode_waits_behind_it():
+    h = Harness(total=WEIGHTS["small"] + 2 * CONTEXT, admit_by_parking=True)
+    _two_live_then_third(h)
+    h.send("REGISTER", agent="c", model="small")            # parks a
+    h.run_jobs()
+    long_b = h.send("DECODE", agent="b", prompt="x", n_predict=9)
+    long_c = h.send("DECODE", agent="c", prompt="x", n_predict=9)
+    wait_a = h.send("DECODE", agent="a", prompt="x", n_predict=1)     # nobody idle: waits
+    assert h.core.status_fields()["waiting_for_room"] == 1
+    assert [j.fields["agent"] for j in h.jobs()] == ["b", "c"]
+    h.answer(0)                                              # b done: b is idle, a parks it
+    again_b = h.send("DECODE", agent="b", prompt="y", n_predict=1)    # behind a's, FIFO
+    assert [j.verb for j in h.jobs()] == ["DECODE", "PARK"]
+    h.run_jobs()
+    assert [h.final(i)["status"] for i in (long_b, long_c, wait_a, again_b)] == ["ok"] * 4
+    assert h.final(wait_a)["kv_swap_parked"] == ["b"]
+
+
+def test_a_slow_client_has_its_streams_stopped_and_still_gets_the_final_reply():
+    h = Harness()
+    h.send("REGISTER", agent="a", model="small")
+    h.run_jobs()
+    dec = h.send("DECODE", agent="a", prompt="x", n_predict=500, stream=True)
+    actions = h.core.handle(__import__("lmx.broker.core.events", fromlist=["ClientSlow"])
+                            .ClientSlow(b"c1", h.now))
+    assert [type(a).__name__ for a in actions] == ["CancelJob", "Log"]
+    h.run_jobs()
+    assert h.final(dec)["stopped_by"] == "slow_reader"
+
+
+def test_a_journal_replay_books_again_and_remembers_what_it_cannot():
+    from core_harness import MemJournal, MemMeasured, fake_estimate
+    from lmx.broker.core import BrokerConfig, Core
+    journal = MemJournal({"a": {"model": "small", "path": "/models/small.gguf",
+                                "spec": {"n_ctx": 512}},
+                          "gone": {"model": "absent", "path": "/x", "spec": {"n_ctx": 512}}})
+    core = Core(BrokerConfig(admission_percent=100), fake_estimate, MemMeasured(), journal)
+    actions = core.handle(WorkerReady(1, DeviceReading("cpu", "declared", "cpu", 1000 * MiB),
+                                      0.0))
+    jobs = [a for a in actions if type(a).__name__ == "SendJob"]
+    assert [(j.verb, j.fields["agent"], j.fields["resume"]) for j in jobs] == [
+        ("REGISTER", "a", True)]
+    assert core.ledger.booked("agent:a") == CONTEXT and "gone" in core.lost
+    assert "gone" not in journal.agents

@@ -241,6 +241,7 @@ class Core:
 
     def drop(self, op, err):
         """Remove an op that has not reached the worker and answer it with err."""
+        err.details.setdefault("agent", op.agent)
         lane = self.lanes.get(op.agent)
         if lane is not None and op in lane.queue:
             lane.queue.remove(op)

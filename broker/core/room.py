@@ -128,13 +128,14 @@ def _no_room(core, op):
         return LmxError(Code.LIMIT, f"no room for {op.agent!r}: parking {', '.join(stuck)} "
                         f"does not fit the {core.config.park_ram}-byte host budget for parked "
                         "state and there is no state directory to spill to", Reason.PARK_BUDGET,
-                        park_ram=core.config.park_ram, parked_ram_bytes=parked_ram(core),
-                        requested_bytes=need, **core.ledger_numbers())
+                        agent=op.agent, park_ram=core.config.park_ram,
+                        parked_ram_bytes=parked_ram(core), requested_bytes=need,
+                        **core.ledger_numbers())
     free = core.ledger.max_bytes - core.ledger.allocated_bytes
     return LmxError(Code.VRAM_LEDGER_DENY, f"agent {op.agent!r} needs {need} bytes but only "
                     f"{max(free, 0)} of the {core.ledger.max_bytes}-byte cap are free and no "
-                    "idle agent can be parked", Reason.CAP, requested_bytes=need,
-                    **core.ledger_numbers())
+                    "idle agent can be parked", Reason.CAP, agent=op.agent,
+                    requested_bytes=need, **core.ledger_numbers())
 
 
 def _reserve(core, op, victims):
