@@ -53,8 +53,6 @@ class Reason:
     MISSING_FIELD = "MISSING_FIELD"        # BAD_REQUEST
     BAD_TYPE = "BAD_TYPE"
     BAD_VALUE = "BAD_VALUE"
-    SLOW_READER = "SLOW_READER"            # CANCELLED: a streaming client read too slowly; its
-                                           # request was stopped
 
 
 class LmxError(Exception):

@@ -46,7 +46,7 @@ import msgpack
 from lmx.common.config import AGENT_ID_RE
 from lmx.common.errors import Code, LmxError, Reason
 
-PROTOCOL_VERSION = (1, 0)
+PROTOCOL_VERSION = (1, 1)   # 1.1: typed replies (kv_swap_parked, STATE_LOST, ...)
 DEFAULT_MAX_FRAME_BYTES = 1 << 20
 MAX_ID_LEN = 64
 MAX_SHOWN_CHARS = 64        # error messages quote at most this much of a client's string

@@ -96,7 +96,7 @@ class AgentRecord(Record):
     n_ctx: int
     spec: dict
     state: str                     # registering, ready, restoring, leaving
-    residence: str                 # live, parking, parked_ram, parked_disk, parked_empty
+    residence: str                 # live, parked_ram, parked_disk, parked_empty
     live: bool
     booked_bytes: int              # its context while live
     booked_now_bytes: int          # what the ledger holds for it now (0 while parked)

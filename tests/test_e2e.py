@@ -9,6 +9,7 @@ import zmq
 from conftest import wait_until
 from ggufs import write_unknown_arch
 from lmx.broker.estimate import estimate
+from lmx.common import protocol
 from lmx.common.config import load_model_table
 from lmx.common.ctxspec import ContextSpec
 from lmx.common.errors import Code, LmxError, Reason
@@ -241,7 +242,7 @@ def test_bad_input_gets_a_clear_error_and_the_broker_keeps_serving(shared_broker
             reply = raw_request(shared_broker.endpoint, frames)
             assert reply["status"] == "error" and reply["code"] == code, reply
             assert reply["reason"] == reason and reply["message"]
-            assert reply["v"] == [1, 0]
+            assert reply["v"] == list(protocol.PROTOCOL_VERSION)
             assert c.request("STATUS")["worker_state"] == "ready"
             assert c.decode("bad", "ok", 1)["generated_tokens"] == 1
         finally:
