@@ -103,6 +103,9 @@ def _private_worker_endpoint():
 @click.option("--park-to-disk/--no-park-to-disk", default=True, show_default=True,
               help="Use STATE_DIR/parked: parked state past --park-ram, and a copy of every "
               "parked state so conversations survive a worker or broker restart.")
+@click.option("--chat-template", "chat_templates", multiple=True, metavar="MODEL=TEMPLATE",
+              help="Set or override a model's chat template for CHAT (repeatable): MODEL is a "
+              "table key or a GGUF path, TEMPLATE a built-in name (chatml) or a jinja file.")
 @click.option("--log-level", default="INFO", show_default=True)
 def main(**opts):
     """Run the lmx broker (and, by default, its worker) until SIGINT/SIGTERM."""
@@ -149,6 +152,31 @@ def _table(path):
     return table
 
 
+def _chat_templates(pairs, table):
+    """{model path: template text} from MODEL=TEMPLATE pairs."""
+    from lmx.common import chat
+    out = {}
+    for pair in pairs:
+        model, sep, template = pair.partition("=")
+        if not sep or not model or not template:
+            raise click.BadParameter(f"{pair!r} is not MODEL=TEMPLATE",
+                                     param_hint="--chat-template")
+        path = table[model].path if model in table else os.path.realpath(
+            os.path.expanduser(model))
+        if template in chat.BUILTIN_TEMPLATES:
+            out[path] = chat.BUILTIN_TEMPLATES[template]
+            continue
+        try:
+            with open(template, encoding="utf-8") as fh:
+                out[path] = fh.read()
+        except OSError as exc:
+            raise click.BadParameter(f"{template}: not a built-in template ("
+                                     f"{', '.join(chat.BUILTIN_TEMPLATES)}) nor a readable "
+                                     f"file ({exc.strerror})",
+                                     param_hint="--chat-template") from None
+    return out
+
+
 def _config(o):
     """lmx-broker's options -> the broker's config, with the worker's config inside it."""
     state = o["state_dir"]
@@ -159,9 +187,11 @@ def _config(o):
         log_level=o["log_level"],
         simulate_others=os.path.abspath(o["simulate_others"]) if o["simulate_others"] else None,
         park_dir=os.path.join(state, "parked") if o["park_to_disk"] and state else None)
+    table = _table(o["vram_table"])
     return BrokerConfig(
         endpoint=o["endpoint"], worker_endpoint=o["worker_endpoint"],
-        table=_table(o["vram_table"]), admission_percent=o["admission_percent"],
+        table=table, admission_percent=o["admission_percent"],
+        chat_templates=_chat_templates(o["chat_templates"], table),
         spawn_worker=o["spawn_worker"], worker=worker,
         worker_start_timeout=o["worker_start_timeout"], worker_overhead=o["worker_overhead"],
         heartbeat_s=o["heartbeat"], liveness=o["liveness"], queue_depth=o["queue_depth"],

@@ -101,6 +101,22 @@ class Client:
                 raise LmxError.from_reply(reply)
             yield reply
 
+    def chat(self, agent, messages, **params):
+        """Send chat messages; return the final reply (content, tool_calls, finish_reason,
+        prompt/completion/cached tokens, ...). params: max_tokens, temperature, top_p, top_k,
+        min_p, repeat_penalty, presence_penalty, frequency_penalty, seed, stop,
+        response_format, grammar, tools, tool_choice, truncate, deadline_ms."""
+        return self.request("CHAT", agent=agent, messages=messages, **params)
+
+    def chat_stream(self, agent, messages, **params):
+        """Like chat(), but yield each partial reply (its `delta` text) as it comes, then the
+        final reply; raise LmxError on an error reply."""
+        msg_id = self.send("CHAT", agent=agent, messages=messages, stream=True, **params)
+        for reply in self.replies(msg_id):
+            if reply.get("status") == "error":
+                raise LmxError.from_reply(reply)
+            yield reply
+
     def cancel(self, agent, request):
         """Stop DECODE `request` (the id send() returned) of `agent`."""
         return self.request("CANCEL", agent=agent, request=request)

@@ -30,6 +30,7 @@ class Code:
     FORBIDDEN = "FORBIDDEN"                # a model path outside the configured model dirs
     WORKER_UNAVAILABLE = "WORKER_UNAVAILABLE"
     WORKER_LOST = "WORKER_LOST"            # the worker died with this request in flight
+    NO_CHAT_TEMPLATE = "NO_CHAT_TEMPLATE"  # CHAT on a model with no template and no override
     INTERNAL = "INTERNAL"                  # a bug: the handler raised; the broker keeps serving
 
 

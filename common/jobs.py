@@ -61,6 +61,49 @@ class DecodeJob(Record):
 
 
 @dataclass
+class Sampling(Record):
+    """One agent's sampler chain: penalties, top-k, top-p, min-p, temperature, dist(seed);
+    greedy (argmax) when temperature is 0. seed None: the worker picks one."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_last_n: int = 64
+    seed: Optional[int] = None
+
+
+@dataclass
+class ChatJob(Record):
+    """Render the messages with the chat template, reuse the KV prefix the agent already
+    holds, decode only the new tokens, then sample up to max_tokens with the agent's chain.
+
+    template: the operator's template text (None: the model's tokenizer.chat_template);
+    response_format: {type: text|json_object|json_schema, json_schema: {schema, ...}};
+    grammar: GBNF text; tool_choice: "none", "auto", "required" or {"type": "function",
+    "function": {"name": ...}}; truncate: None or "middle"."""
+
+    VERB: ClassVar[str] = "CHAT"
+    agent: str
+    messages: list
+    max_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: list = field(default_factory=list)
+    response_format: Optional[dict] = None
+    grammar: Optional[str] = None
+    tools: Optional[list] = None
+    tool_choice: object = "auto"
+    template: Optional[str] = None
+    truncate: Optional[str] = None
+    stream: bool = False
+    deadline_ms: Optional[int] = None
+    max_prompt_tokens: Optional[int] = None
+
+
+@dataclass
 class CancelJob(Record):
     """Out of band: stop that job at its next token (or drop it before it starts)."""
 
@@ -69,7 +112,7 @@ class CancelJob(Record):
 
 
 JOB_TYPES = {cls.VERB: cls for cls in (RegisterJob, UnregisterJob, ParkJob, DecodeJob,
-                                       CancelJob)}
+                                       ChatJob, CancelJob)}
 
 
 # -- readings ------------------------------------------------------------------------------
@@ -192,8 +235,32 @@ class DecodeResult(Record):
     context_measured: Optional[Measured] = None   # the context was built for it alone
 
 
+@dataclass
+class ChatResult(Record):
+    """A CHAT's reply: the message, why it ended, token counts and the timings DECODE has."""
+
+    content: str = ""
+    tool_calls: list = field(default_factory=list)   # [{id, type: function, function:
+                                                     #   {name, arguments (a JSON string)}}]
+    finish_reason: str = "stop"       # stop, length, tool_calls, cancelled, deadline
+    prompt_tokens: int = 0            # the whole rendered prompt
+    completion_tokens: int = 0
+    cached_tokens: int = 0            # prompt tokens reused from the agent's KV
+    truncated_tokens: int = 0         # dropped by truncate: "middle"
+    elapsed_ms: float = 0.0
+    swap_ms: float = 0.0
+    prompt_ms: float = 0.0
+    gen_ms: float = 0.0
+    ttft_ms: Optional[float] = None
+    kv_swap_restored: bool = False
+    batch: int = 0
+    n_past: int = 0
+    seed: Optional[int] = None        # the seed the chain used
+    context_measured: Optional[Measured] = None
+
+
 RESULT_TYPES = {"REGISTER": RegisterResult, "UNREGISTER": UnregisterResult,
-                "PARK": ParkResult, "DECODE": DecodeResult}
+                "PARK": ParkResult, "DECODE": DecodeResult, "CHAT": ChatResult}
 
 
 @dataclass

@@ -14,6 +14,9 @@ from lmx.common.config import DEFAULT_ENDPOINT
 # DECODE's fields in the order a person reads them; the text comes last.
 DECODE_ORDER = ("agent", "prompt_tokens", "generated_tokens", "stopped_on_eos", "stopped_by",
                 "elapsed_ms", "kv_swap_evicted", "kv_swap_parked", "kv_swap_restored")
+CHAT_ORDER = ("agent", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens",
+              "elapsed_ms", "tool_calls")
+ORDER = {"DECODE": DECODE_ORDER, "CHAT": CHAT_ORDER}
 HIDDEN = {"v", "id", "tokens", "context_measured", "buffers"}  # in --json only
 
 
@@ -43,11 +46,12 @@ def _lines(reply, indent=""):
 
 
 def _ordered(verb, reply):
-    if verb != "DECODE" or reply.get("status") != "ok":
+    if verb not in ORDER or reply.get("status") != "ok":
         return reply
-    first = {k: reply[k] for k in ("status", *DECODE_ORDER) if k in reply}
-    rest = {k: v for k, v in reply.items() if k not in first and k != "text"}
-    return {**first, **rest, "text": reply.get("text", "")}
+    last = "text" if verb == "DECODE" else "content"
+    first = {k: reply[k] for k in ("status", *ORDER[verb]) if k in reply}
+    rest = {k: v for k, v in reply.items() if k not in first and k != last}
+    return {**first, **rest, last: reply.get(last, "")}
 
 
 def _curve(client_key, server_key):
@@ -92,7 +96,8 @@ def _call(ctx, verb, **fields):
               help="tcp brokers: the broker's public key file.")
 @click.pass_context
 def main(ctx, endpoint, as_json, timeout, curve_client_key, curve_server_key):
-    """Send one verb (HELP, STATUS, LIST, REGISTER, UNREGISTER, DECODE, CANCEL) to a broker."""
+    """Send one verb (HELP, STATUS, LIST, REGISTER, UNREGISTER, DECODE, CHAT, CANCEL) to a
+    broker."""
     ctx.obj = {"endpoint": endpoint, "json": as_json, "timeout": timeout,
                "curve": _curve(curve_client_key, curve_server_key)}
 
@@ -152,25 +157,61 @@ def decode(ctx, agent, n_predict, prompt, stream, deadline_ms):
     if not stream:
         _call(ctx, "DECODE", agent=agent, prompt=prompt, n_predict=n_predict, **extra)
         return
+    _stream(ctx, "DECODE", "text", agent=agent, prompt=prompt, n_predict=n_predict,
+            **extra)
+
+
+def _stream(ctx, verb, piece, **fields):
+    """Send a streaming request; print each partial's `piece` as it comes, then the reply."""
     opts = ctx.obj
     try:
         with Client(opts["endpoint"], timeout=opts["timeout"], curve=opts["curve"]) as client:
-            msg_id = client.send("DECODE", agent=agent, prompt=prompt, n_predict=n_predict,
-                                 stream=True, **extra)
+            msg_id = client.send(verb, stream=True, **fields)
             for reply in client.replies(msg_id):
                 if reply.get("status") == "partial":
-                    click.echo(json.dumps(reply) if opts["json"] else reply["text"], nl=opts[
+                    click.echo(json.dumps(reply) if opts["json"] else reply[piece], nl=opts[
                         "json"])
                     continue
                 if not opts["json"]:
                     click.echo()
                 click.echo(json.dumps(reply, default=str) if opts["json"]
-                           else "\n".join(_lines(_ordered("DECODE", reply))))
+                           else "\n".join(_lines(_ordered(verb, reply))))
     except LmxTimeout as exc:
         click.echo(f"lmx-probe: {exc}", err=True)
         sys.exit(3)
     if reply.get("status") != "ok":
         sys.exit(1)
+
+
+@main.command()
+@click.argument("agent")
+@click.argument("text")
+@click.option("--system", default=None, help="A system message before TEXT.")
+@click.option("--max-tokens", type=int, default=None, help="Most tokens in the reply.")
+@click.option("--temperature", type=float, default=None, help="0 for greedy.")
+@click.option("--seed", type=int, default=None, help="Sampling seed (same seed, same text).")
+@click.option("--json-schema", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A JSON schema file: the reply is JSON that validates against it.")
+@click.option("--stream", is_flag=True, help="Print the reply as it comes, then the summary.")
+@click.pass_context
+def chat(ctx, agent, text, system, max_tokens, temperature, seed, json_schema, stream):
+    """CHAT AGENT TEXT: one user message (after --system), answered with the model's template."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": text}]
+    params = {k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature),
+                                ("seed", seed)) if v is not None}
+    if json_schema:
+        with open(json_schema, encoding="utf-8") as fh:
+            try:
+                schema = json.load(fh)
+            except ValueError as exc:
+                raise click.BadParameter(f"not JSON: {exc}", param_hint="--json-schema")
+        params["response_format"] = {"type": "json_schema",
+                                     "json_schema": {"name": "reply", "schema": schema}}
+    if not stream:
+        _call(ctx, "CHAT", agent=agent, messages=messages, **params)
+        return
+    _stream(ctx, "CHAT", "delta", agent=agent, messages=messages, **params)
 
 
 @main.command()

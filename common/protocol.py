@@ -77,6 +77,16 @@ CLIENT_VERBS = {
     "UNREGISTER": {"agent": Field(str)},
     "DECODE": {"agent": Field(str), "prompt": Field(str), "n_predict": Field(int),
                "stream": Field(bool, False), "deadline_ms": Field(int, False)},
+    "CHAT": {"agent": Field(str), "messages": Field(list), "max_tokens": Field(int, False),
+             "temperature": Field((float, int), False), "top_p": Field((float, int), False),
+             "top_k": Field(int, False), "min_p": Field((float, int), False),
+             "repeat_penalty": Field((float, int), False),
+             "presence_penalty": Field((float, int), False),
+             "frequency_penalty": Field((float, int), False), "seed": Field(int, False),
+             "stop": Field((str, list), False), "response_format": Field(dict, False),
+             "grammar": Field(str, False), "tools": Field(list, False),
+             "tool_choice": Field((str, dict), False), "truncate": Field(str, False),
+             "stream": Field(bool, False), "deadline_ms": Field(int, False)},
     "CANCEL": {"agent": Field(str), "request": Field((int, str))},
 }
 
@@ -89,6 +99,13 @@ WORKER_JOBS = {
     "DECODE": {"agent": Field(str), "prompt": Field(str), "n_predict": Field(int),
                "max_prompt_tokens": Field(int, False), "stream": Field(bool, False),
                "deadline_ms": Field(int, False)},
+    "CHAT": {"agent": Field(str), "messages": Field(list), "max_tokens": Field(int),
+             "sampling": Field(dict, False), "stop": Field(list, False),
+             "response_format": Field(dict, False), "grammar": Field(str, False),
+             "tools": Field(list, False), "tool_choice": Field((str, dict), False),
+             "template": Field(str, False), "truncate": Field(str, False),
+             "stream": Field(bool, False), "deadline_ms": Field(int, False),
+             "max_prompt_tokens": Field(int, False)},
     "CANCEL": {"job": Field(int)},             # out of band: stop that job at its next token
     "HEARTBEAT": {},
     "SHUTDOWN": {},
@@ -111,7 +128,13 @@ VERB_HELP = {
     "UNREGISTER": "agent: release the agent's bytes, slot and model reference",
     "DECODE": "agent, prompt, n_predict, stream?, deadline_ms?: greedy-decode continuing the "
               "agent's conversation; with stream, partial replies carry each token",
-    "CANCEL": "agent, request (a DECODE's id): stop it at its next token, or drop it if queued",
+    "CHAT": "agent, messages, max_tokens?, temperature?, top_p?, top_k?, min_p?, "
+            "repeat_penalty?, presence_penalty?, frequency_penalty?, seed?, stop?, "
+            "response_format?, grammar?, tools?, tool_choice?, truncate?, stream?, deadline_ms?: "
+            "render the messages with the model's chat template, reuse the KV prefix, sample a "
+            "reply (content, tool_calls, finish_reason); with stream, partial replies carry delta",
+    "CANCEL": "agent, request (a DECODE's or CHAT's id): stop it at its next token, or drop it "
+              "if queued",
 }
 
 

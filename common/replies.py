@@ -80,6 +80,43 @@ class PartialReply(Record):
 
 
 @dataclass
+class ChatPartial(Record):
+    """A streamed piece of a CHAT's content (status "partial"): never part of a stop string."""
+
+    agent: str
+    index: int
+    delta: str
+
+
+@dataclass
+class ChatReply(Record):
+    """A CHAT's final reply: the assistant message and why it ended, with DECODE's timings."""
+
+    agent: str
+    content: str
+    tool_calls: list               # [{id, type: "function", function: {name, arguments}}]
+    finish_reason: str             # stop, length, tool_calls, cancelled, deadline
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int             # prompt tokens reused from the agent's KV
+    truncated_tokens: int          # dropped by truncate: "middle"
+    seed: Optional[int]
+    elapsed_ms: float
+    swap_ms: float
+    prompt_ms: float
+    gen_ms: float
+    ttft_ms: Optional[float]
+    queue_ms: Optional[float]
+    broker_ms: float
+    kv_swap_evicted: Optional[str]
+    kv_swap_parked: List[str]
+    kv_swap_restored: bool
+    batch: int
+    n_past: int
+    context_reset: bool = False
+
+
+@dataclass
 class CancelReply(Record):
     agent: str
     request: object

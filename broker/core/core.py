@@ -13,7 +13,7 @@ are booked again, so the ledger never goes over its cap.
 """
 import itertools
 
-from lmx.broker.core import booking, outcomes, recovery, room, views
+from lmx.broker.core import booking, chatreq, outcomes, recovery, room, views
 from lmx.broker.core.events import (CancelJob, ClientRequest, ClientSlow, Log, Reply, SendJob, Tick,
                                     WorkerHeartbeat, WorkerLost, WorkerReady, WorkerResult,
                                     WorkerToken)
@@ -22,10 +22,11 @@ from lmx.broker.ledger import Ledger
 from lmx.common import protocol
 from lmx.common.ctxspec import ContextSpec
 from lmx.common.errors import Code, LmxError, Reason
-from lmx.common.jobs import DecodeJob
-from lmx.common.replies import CancelReply, HelpReply, PartialReply
+from lmx.common.jobs import ChatJob, DecodeJob
+from lmx.common.replies import CancelReply, ChatPartial, HelpReply, PartialReply
 
 READ_ONLY = {"STATUS", "LIST", "HELP"}
+RUNS = ("DECODE", "CHAT")
 
 
 class WorkerView:
@@ -75,10 +76,10 @@ class Core:
                         ClientSlow: self._on_slow, Tick: self._on_tick}
         self._verbs = {"HELP": self._help, "STATUS": self._status, "LIST": self._list,
                        "REGISTER": self._register, "UNREGISTER": self._unregister,
-                       "DECODE": self._decode, "CANCEL": self._cancel}
+                       "DECODE": self._decode, "CHAT": self._chat, "CANCEL": self._cancel}
         self._starters = {"REGISTER": lambda op: booking.start_register(self, op),
                           "UNREGISTER": lambda op: booking.start_unregister(self, op),
-                          "DECODE": self._start_decode}
+                          "DECODE": self._start_run, "CHAT": self._start_run}
 
     # -- the one entry point ----------------------------------------------------------------
 
@@ -174,18 +175,28 @@ class Core:
         self._enqueue(Op("DECODE", f["agent"], f, ev.now, ev.identity, ev.msg_id,
                          deadline=ev.now + deadline_ms / 1000 if deadline_ms else None))
 
+    def _chat(self, ev):
+        f = ev.fields
+        fields = chatreq.check_chat(f, self.config.max_n_predict)
+        deadline_ms = f.get("deadline_ms")
+        if deadline_ms is not None and not 1 <= deadline_ms <= 3_600_000:
+            raise chatreq.bad("deadline_ms", "must be in [1, 3600000]")
+        self._check_depth()
+        self._enqueue(Op("CHAT", f["agent"], fields, ev.now, ev.identity, ev.msg_id,
+                         deadline=ev.now + deadline_ms / 1000 if deadline_ms else None))
+
     def _cancel(self, ev):
         """CANCEL: drop a DECODE the broker still holds, or stop the one at the worker."""
         agent, request = ev.fields["agent"], ev.fields["request"]
         lane = self.lanes.get(agent)
         ops = ([lane.active] if lane and lane.active else []) + list(lane.queue if lane else ())
         # Any client may cancel (README's threat model); its own request first on a tie.
-        found = sorted((o for o in ops if o.verb == "DECODE" and o.msg_id == request),
+        found = sorted((o for o in ops if o.verb in RUNS and o.msg_id == request),
                        key=lambda o: o.identity != ev.identity)
         op = found[0] if found else None
         if op is None:
-            raise LmxError(Code.UNKNOWN_REQUEST, f"no DECODE {request!r} of agent {agent!r} "
-                           "is queued or running")
+            raise LmxError(Code.UNKNOWN_REQUEST, f"no DECODE or CHAT {request!r} of agent "
+                           f"{agent!r} is queued or running")
         if op.job_id is not None:
             self.emit_cancel(op)
             where = "sent"
@@ -256,28 +267,37 @@ class Core:
         lane = self.lanes.get(name)
         return lane is None or lane.idle
 
-    # -- DECODE -----------------------------------------------------------------------------
+    # -- DECODE and CHAT -------------------------------------------------------------------
 
-    def _start_decode(self, op):
+    def _start_run(self, op):
         rec = self.agent(op.agent)
         self.need_worker()
         if rec.live and not self.room and not room.over_live_limit(self):
-            self.launch_decode(op)
+            self.launch_run(op)
         else:
             self.room.append(op)            # room.pump makes it live, in arrival order
 
-    def launch_decode(self, op):
+    def launch_run(self, op):
+        """Send a DECODE or CHAT whose agent is live."""
         rec, f = self.agents[op.agent], op.fields
         rec.last_used = self.now
         left = None if op.deadline is None else max(1, int((op.deadline - self.now) * 1000))
-        self.send(op, DecodeJob(op.agent, f["prompt"], f["n_predict"],
-                                self.config.max_prompt_tokens, bool(f.get("stream")), left))
+        if op.verb == "CHAT":
+            job = ChatJob(op.agent, template=self.config.chat_templates.get(rec.path),
+                          deadline_ms=left, max_prompt_tokens=self.config.max_prompt_tokens,
+                          **f)
+        else:
+            job = DecodeJob(op.agent, f["prompt"], f["n_predict"],
+                            self.config.max_prompt_tokens, bool(f.get("stream")), left)
+        self.send(op, job)
 
     def _on_token(self, ev):
         self.worker.last_seen = ev.now
         op = self.jobs.get(ev.job_id)
         if op is not None and op.fields.get("stream") and not op.slow:
-            fields = PartialReply(op.agent, ev.index, ev.token, ev.text).to_wire()
+            record = ChatPartial(op.agent, ev.index, ev.text) if op.verb == "CHAT" else \
+                PartialReply(op.agent, ev.index, ev.token, ev.text)
+            fields = record.to_wire()
             self.reply(op.identity, op.msg_id, dict(fields, status="partial"))
 
     def _on_slow(self, ev):

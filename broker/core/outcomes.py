@@ -1,7 +1,7 @@
 """What the core does with a worker's RESULT: per job verb, and the facts every result brings."""
 from lmx.broker.core import booking, room
 from lmx.common.jobs import RESULT_TYPES
-from lmx.common.replies import DecodeReply
+from lmx.common.replies import ChatReply, DecodeReply
 
 
 def on_result(core, ev):
@@ -44,12 +44,7 @@ def decode_done(core, op, result):
     if not result.ok or rec is None:
         core.end(op, dict(result.error or {}, status="error", **base))
         return
-    out = result.out
-    if out.context_measured is not None:
-        booking.reconcile_context(core, rec, out.context_measured.nbytes)
-    rec.decodes += 1
-    rec.generated_tokens += out.generated_tokens
-    rec.last_active, rec.last_used, rec.unparkable = core.wall, core.now, False
+    out = _count(core, rec, result.out)
     reset, rec.context_reset = rec.context_reset, False     # said once, after a restart
     stopped_by = "slow_reader" if op.slow else out.stopped_by
     reply = DecodeReply(
@@ -59,6 +54,36 @@ def decode_done(core, op, result):
         out.gen_ms, out.ttft_ms, round((op.sent_at - op.t0) * 1000, 2), out.n_past,
         base["broker_ms"], reset)
     core.end(op, reply.to_wire())
+
+
+def chat_done(core, op, result):
+    rec = core.agents.get(op.agent)
+    base = {"agent": op.agent, "broker_ms": round((core.now - op.t0) * 1000, 2)}
+    if not result.ok or rec is None:
+        core.end(op, dict(result.error or {}, status="error", **base))
+        return
+    out = _count(core, rec, result.out)
+    reset, rec.context_reset = rec.context_reset, False
+    reply = ChatReply(
+        op.agent, out.content, out.tool_calls,
+        "cancelled" if op.slow else out.finish_reason, out.prompt_tokens,
+        out.completion_tokens, out.cached_tokens, out.truncated_tokens, out.seed,
+        out.elapsed_ms, out.swap_ms, out.prompt_ms, out.gen_ms, out.ttft_ms,
+        round((op.sent_at - op.t0) * 1000, 2), base["broker_ms"],
+        op.parked[0] if op.parked else None, list(op.parked), out.kv_swap_restored,
+        out.batch, out.n_past, reset)
+    core.end(op, reply.to_wire())
+
+
+def _count(core, rec, out):
+    """What every finished DECODE or CHAT adds to its agent's record."""
+    if out.context_measured is not None:
+        booking.reconcile_context(core, rec, out.context_measured.nbytes)
+    rec.decodes += 1
+    rec.generated_tokens += getattr(out, "completion_tokens", None) or getattr(
+        out, "generated_tokens", 0)
+    rec.last_active, rec.last_used, rec.unparkable = core.wall, core.now, False
+    return out
 
 
 def restore_done(core, op, result):
@@ -84,4 +109,5 @@ def restore_done(core, op, result):
 
 
 _DONE = {"REGISTER": booking.register_done, "UNREGISTER": booking.unregister_done,
-         "DECODE": decode_done, "PARK": room.park_done, "RESTORE": restore_done}
+         "DECODE": decode_done, "CHAT": chat_done, "PARK": room.park_done,
+         "RESTORE": restore_done}

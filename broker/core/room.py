@@ -16,6 +16,8 @@ free room, the head is answered at once instead of waiting forever.
 """
 import collections
 
+RUNS = ("DECODE", "CHAT")
+
 from lmx.broker.core import booking
 from lmx.broker.core.state import Lane, Op
 from lmx.common.errors import Code, LmxError, Reason
@@ -74,7 +76,7 @@ def pump(core):
             core.room.popleft()
             _launch(core, op)
             continue
-        if op.verb == "DECODE" and _room_may_come(core):
+        if op.verb in RUNS and _room_may_come(core):
             return                          # a running request will leave idle agents
         core.room.popleft()
         core.end(op, _no_room(core, op).fields())
@@ -82,7 +84,7 @@ def pump(core):
 
 def _try(core, op):
     """ready (its context is booked), parking (PARKs sent) or wait."""
-    rec = core.agents.get(op.agent) if op.verb == "DECODE" else None
+    rec = core.agents.get(op.agent) if op.verb in RUNS else None
     if rec is not None and rec.live:
         victims = plan(core, rec, 0) or []   # the live-count limit only
     else:
@@ -107,21 +109,21 @@ def _register_need(core, op):
 
 
 def _launch(core, op):
-    if op.verb == "DECODE":
-        core.launch_decode(op)
+    if op.verb in RUNS:
+        core.launch_run(op)
     else:
         booking.send_register(core, op)
 
 
 def _room_may_come(core):
     """True while a job runs whose end can leave an agent idle or free bytes."""
-    return any(o.verb in ("DECODE", "REGISTER", "UNREGISTER", "RESTORE")
+    return any(o.verb in ("DECODE", "CHAT", "REGISTER", "UNREGISTER", "RESTORE")
                for o in core.jobs.values())
 
 
 def _no_room(core, op):
     """The answer for an op that cannot get room: the ledger's numbers, or the park budget."""
-    rec = core.agents.get(op.agent) if op.verb == "DECODE" else None
+    rec = core.agents.get(op.agent) if op.verb in RUNS else None
     need = rec.booked_bytes if rec else _register_need(core, op)
     stuck = [a.name for a in core.agents.values() if a.live and a.unparkable]
     if stuck:

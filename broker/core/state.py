@@ -41,6 +41,7 @@ class BrokerConfig:
     admit_by_parking: bool = False     # REGISTER may park idle agents to make room
     measure_margin_percent: int = 5    # booking after reconciliation = measured + this
     others_margin: int = 256 << 20     # kept free below what other processes hold
+    chat_templates: dict = field(default_factory=dict)   # model path -> template text
 
 
 @dataclass
