@@ -38,40 +38,33 @@ def absorb_slot(core, slot):
             other.unparkable = False
 
 
-def decode_done(core, op, result):
+def run_done(core, op, result):
+    """A DECODE or CHAT finished: count it, answer with its reply record (or its error)."""
     rec = core.agents.get(op.agent)
-    base = {"agent": op.agent, "broker_ms": round((core.now - op.t0) * 1000, 2)}
+    broker_ms = round((core.now - op.t0) * 1000, 2)
     if not result.ok or rec is None:
-        core.end(op, dict(result.error or {}, status="error", **base))
+        core.end(op, dict(result.error or {}, status="error", agent=op.agent,
+                          broker_ms=broker_ms))
         return
     out = _count(core, rec, result.out)
     reset, rec.context_reset = rec.context_reset, False     # said once, after a restart
-    stopped_by = "slow_reader" if op.slow else out.stopped_by
-    reply = DecodeReply(
-        op.agent, out.prompt_tokens, out.generated_tokens, out.stopped_on_eos, stopped_by,
-        out.elapsed_ms, op.parked[0] if op.parked else None, list(op.parked),
-        out.kv_swap_restored, out.batch, out.text, out.tokens, out.swap_ms, out.prompt_ms,
-        out.gen_ms, out.ttft_ms, round((op.sent_at - op.t0) * 1000, 2), out.n_past,
-        base["broker_ms"], reset)
-    core.end(op, reply.to_wire())
-
-
-def chat_done(core, op, result):
-    rec = core.agents.get(op.agent)
-    base = {"agent": op.agent, "broker_ms": round((core.now - op.t0) * 1000, 2)}
-    if not result.ok or rec is None:
-        core.end(op, dict(result.error or {}, status="error", **base))
-        return
-    out = _count(core, rec, result.out)
-    reset, rec.context_reset = rec.context_reset, False
-    reply = ChatReply(
-        op.agent, out.content, out.tool_calls,
-        "cancelled" if op.slow else out.finish_reason, out.prompt_tokens,
-        out.completion_tokens, out.cached_tokens, out.truncated_tokens, out.seed,
-        out.elapsed_ms, out.swap_ms, out.prompt_ms, out.gen_ms, out.ttft_ms,
-        round((op.sent_at - op.t0) * 1000, 2), base["broker_ms"],
-        op.parked[0] if op.parked else None, list(op.parked), out.kv_swap_restored,
-        out.batch, out.n_past, reset)
+    queue_ms = round((op.sent_at - op.t0) * 1000, 2)
+    evicted = op.parked[0] if op.parked else None
+    if op.verb == "CHAT":
+        reply = ChatReply(
+            op.agent, out.content, out.tool_calls,
+            "cancelled" if op.slow else out.finish_reason, out.prompt_tokens,
+            out.completion_tokens, out.cached_tokens, out.truncated_tokens, out.seed,
+            out.elapsed_ms, out.swap_ms, out.prompt_ms, out.gen_ms, out.ttft_ms, queue_ms,
+            broker_ms, evicted, list(op.parked), out.kv_swap_restored, out.batch, out.n_past,
+            reset)
+    else:
+        reply = DecodeReply(
+            op.agent, out.prompt_tokens, out.generated_tokens, out.stopped_on_eos,
+            "slow_reader" if op.slow else out.stopped_by, out.elapsed_ms, evicted,
+            list(op.parked), out.kv_swap_restored, out.batch, out.text, out.tokens,
+            out.swap_ms, out.prompt_ms, out.gen_ms, out.ttft_ms, queue_ms, out.n_past,
+            broker_ms, reset)
     core.end(op, reply.to_wire())
 
 
@@ -109,5 +102,5 @@ def restore_done(core, op, result):
 
 
 _DONE = {"REGISTER": booking.register_done, "UNREGISTER": booking.unregister_done,
-         "DECODE": decode_done, "CHAT": chat_done, "PARK": room.park_done,
+         "DECODE": run_done, "CHAT": run_done, "PARK": room.park_done,
          "RESTORE": restore_done}
