@@ -6,7 +6,7 @@ from lmx.broker.core import BrokerConfig, Core
 from lmx.broker.core.events import (ClientRequest, Reply, SendJob, Tick, WorkerReady,
                                     WorkerResult)
 from lmx.common.errors import Code, LmxError, Reason
-from lmx.common.jobs import (DecodeResult, DeviceReading, EngineSummary, ParkResult,
+from lmx.common.jobs import (ChatResult, DecodeResult, DeviceReading, EngineSummary, ParkResult,
                              RegisterResult, Result, SlotState, UnregisterResult)
 
 MiB = 1 << 20
@@ -73,6 +73,11 @@ class FakeWorker:
             return self._ok(f["agent"], UnregisterResult(model_freed=False))
         if verb == "PARK":
             return self._park(slot, f)
+        if verb == "CHAT":
+            slot.live, slot.parked, slot.parked_bytes = True, None, 0
+            slot.n_past += f["max_tokens"] + 5
+            return self._ok(f["agent"], ChatResult(content="hi", completion_tokens=2,
+                                                   prompt_tokens=5, seed=f["sampling"]["seed"]))
         if verb == "DECODE":
             slot.live, slot.parked, slot.parked_bytes = True, None, 0
             slot.n_past += f["n_predict"] + 1

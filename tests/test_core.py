@@ -285,3 +285,24 @@ def test_a_journal_replay_books_again_and_remembers_what_it_cannot():
         ("REGISTER", "a", True)]
     assert core.ledger.booked("agent:a") == CONTEXT and "gone" in core.lost
     assert "gone" not in journal.agents
+
+
+def test_a_chat_is_checked_then_queued_like_a_decode():
+    h = Harness(chat_templates={"/models/small.gguf": "{{ messages }}"})
+    h.send("REGISTER", agent="a", model="small")
+    h.run_jobs()
+    bad = h.send("CHAT", agent="a", messages=[{"role": "user", "content": 3}])
+    assert (h.final(bad)["code"], h.final(bad)["field"]) == (Code.BAD_REQUEST,
+                                                             "messages[0].content")
+    bad = h.send("CHAT", agent="a", messages=[{"role": "user", "content": "x"}], top_p=0)
+    assert h.final(bad)["field"] == "top_p" and not h.jobs()
+    ok = h.send("CHAT", agent="a", messages=[{"role": "user", "content": "x"}], seed=7,
+                stop="END", temperature=0)
+    job = h.jobs()[0]
+    assert job.verb == "CHAT" and job.fields["template"] == "{{ messages }}"
+    assert job.fields["stop"] == ["END"] and job.fields["sampling"]["temperature"] == 0
+    assert job.fields["max_tokens"] == 256 and job.fields["tool_choice"] == "none"
+    h.run_jobs()
+    reply = h.final(ok)
+    assert (reply["content"], reply["seed"], reply["finish_reason"]) == ("hi", 7, "stop")
+    assert h.core.agents["a"].generated_tokens == 2
