@@ -27,7 +27,7 @@ def one_round(eng, agents, n_predict):
     tokens = 0
     while runs:
         done = eng.step(runs)
-        tokens += sum(r.result["generated_tokens"] for r in done)
+        tokens += sum(r.result.generated_tokens for r in done)
         runs = [r for r in runs if r.result is None]
     return tokens, time.perf_counter() - t0
 

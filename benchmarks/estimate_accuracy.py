@@ -82,9 +82,9 @@ def main(models, n_ctxs, kv_types, swa_full, as_json, markdown, json_out):
         for spec, model, ctx in measure(engine, path, specs, cuda):
             est = estimate(shape, spec, device.kind)
             w_real = _part(model.buffers, "model", cuda)
-            kv_real = _part(ctx["buffers"], "KV", cuda)
-            c_real = _part(ctx["buffers"], "compute", cuda)
-            nvml = (model.nvml_delta or 0) + (ctx["nvml_delta"] or 0) if cuda else None
+            kv_real = _part(ctx.buffers, "KV", cuda)
+            c_real = _part(ctx.buffers, "compute", cuda)
+            nvml = (model.nvml_delta or 0) + (ctx.nvml_delta or 0) if cuda else None
             est_dev = est.weights_device + est.kv + est.compute
             real = w_real + kv_real + c_real
             rows.append({"model": os.path.basename(path), "n_ctx": spec.n_ctx,

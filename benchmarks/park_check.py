@@ -54,10 +54,11 @@ def main(model, agents, first, then_, park_ram, cpu, as_json):
     probe = Engine(2, gpu=gpu, pinned=gpu)
     probe.register("p", model, spec)
     probe.decode("p", PROMPTS[0], first)
-    budget = parse_size(park_ram) if park_ram else int(probe.park("p")["parked_bytes"] * 1.5)
+    budget = parse_size(park_ram) if park_ram else int(
+        probe.park("p", 1 << 40, False).parked_bytes * 1.5)
     probe.close()
     eng = Engine(2 if cpu else (os.cpu_count() or 4), gpu=gpu, pinned=gpu,
-                 park_dir=tempfile.mkdtemp(prefix="lmx-park-check-"), park_ram=budget)
+                 park_dir=tempfile.mkdtemp(prefix="lmx-park-check-"))
     a = [f"a{i}" for i in range(agents)]
     b = [f"b{i}" for i in range(agents)]
     try:
@@ -70,7 +71,8 @@ def main(model, agents, first, then_, park_ram, cpu, as_json):
         parked, times = {}, {}
         for name in a[1:]:                       # a0 stays live; the rest are parked
             t0 = time.perf_counter()
-            parked[name] = eng.park(name)
+            # the broker's policy: the host budget that is left, then files
+            parked[name] = eng.park(name, max(budget - eng.parked_ram, 0), True)
             times[name] = {"park_ms": round((time.perf_counter() - t0) * 1000, 2)}
         cont = [" and then"] * agents
         t0 = time.perf_counter()
@@ -79,11 +81,12 @@ def main(model, agents, first, then_, park_ram, cpu, as_json):
         then_b = together(eng, b, cont, then_)
         rows = []
         for x, y in zip(a, b):
-            rows.append({"agent": x, "parked": (parked.get(x) or {}).get("parked"),
-                         "parked_bytes": (parked.get(x) or {}).get("parked_bytes", 0),
-                         **times.get(x, {}), "restored": then_a[x]["kv_swap_restored"],
-                         "first_equal": first_a[x]["tokens"] == first_b[y]["tokens"],
-                         "continuation_equal": then_a[x]["tokens"] == then_b[y]["tokens"]})
+            park = parked.get(x)
+            rows.append({"agent": x, "parked": park.parked if park else None,
+                         "parked_bytes": park.parked_bytes if park else 0,
+                         **times.get(x, {}), "restored": then_a[x].kv_swap_restored,
+                         "first_equal": first_a[x].tokens == first_b[y].tokens,
+                         "continuation_equal": then_a[x].tokens == then_b[y].tokens})
         out = {"device": "cuda" if gpu else "cpu", "model": os.path.basename(model),
                "park_ram": budget, "restore_round_ms": restore_ms, "rows": rows,
                "equal": sum(r["continuation_equal"] for r in rows), "agents": agents}
