@@ -29,22 +29,13 @@ def start_broker(folder, models, *args, stderr=subprocess.DEVNULL):
     """lmx-broker on an ipc socket in `folder`, allowed to load the models' folders.
 
     Returns (process, endpoint, first STATUS reply) once the broker answers."""
-    from lmx.common.client import Client, LmxTimeout
+    from lmx.broker.launch import start_broker as launch
     endpoint = f"ipc://{folder}/lmx.sock"
     dirs = sorted({os.path.dirname(os.path.abspath(m)) for m in models})
-    cmd = [sys.executable, "-m", "lmx.broker.main", "--endpoint", endpoint, "--state-dir",
-           os.path.join(folder, "state"), *sum((["--model-dir", d] for d in dirs), []), *args]
-    proc = subprocess.Popen(cmd, stderr=stderr)
-    with Client(endpoint, timeout=600) as c:
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise RuntimeError(f"lmx-broker exited with {proc.returncode}")
-            try:
-                return proc, endpoint, c.call("STATUS", timeout=0.5)
-            except LmxTimeout:
-                time.sleep(0.2)
-    proc.terminate()
-    raise RuntimeError("lmx-broker did not answer within two minutes")
+    proc, status = launch(["--state-dir", os.path.join(folder, "state"),
+                           *sum((["--model-dir", d] for d in dirs), []), *args], endpoint,
+                          stderr=stderr, timeout=600)
+    return proc, endpoint, status
 
 
 def nvml_handle(index=0):

@@ -12,11 +12,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import click
 
-from lmx.common.client import Client, LmxTimeout
+from lmx.broker.launch import start_broker
+from lmx.common.client import Client
 
 PROMPTS = [("smol", "Hello, my name is"), ("gemma", "The capital of France is"),
            ("smol", "The weather today is")]
@@ -34,18 +34,6 @@ def probe(endpoint, *args):
         raise SystemExit(f"walk: lmx-probe exited {out.returncode}: {out.stderr}")
 
 
-def wait_ready(endpoint, proc):
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise SystemExit(f"walk: lmx-broker exited {proc.returncode}")
-        try:
-            with Client(endpoint, timeout=0.5) as c:
-                return c.request("STATUS")
-        except LmxTimeout:
-            time.sleep(0.2)
-    raise SystemExit("walk: broker never answered")
-
-
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.option("--smol", default="smol", help="Table key or path for the first agent's model.")
 @click.option("--gemma", default="gemma", help="Table key or path for the second's.")
@@ -59,14 +47,16 @@ def main(smol, gemma, table, n_predict, broker_log, broker_args):
     folder = tempfile.mkdtemp(prefix="lmx-walk-")
     endpoint = f"ipc://{folder}/lmx.sock"
     dirs = sorted({os.path.dirname(os.path.abspath(m)) for m in (smol, gemma) if os.sep in m})
-    cmd = [sys.executable, "-m", "lmx.broker.main", "--endpoint", endpoint,
-           "--vram-table", table, "--max-live-contexts", "1",     # one live: parking shows
-           "--state-dir", os.path.join(folder, "state"),     # not another broker's journal
-           *sum((["--model-dir", d] for d in dirs), []), *broker_args]
-    click.echo("$ lmx-broker " + " ".join(cmd[3:]) + " &\n")
-    proc = subprocess.Popen(cmd, stderr=broker_log or subprocess.DEVNULL)
+    args = ["--vram-table", table, "--max-live-contexts", "1",     # one live: parking shows
+            "--state-dir", os.path.join(folder, "state"),     # not another broker's journal
+            *sum((["--model-dir", d] for d in dirs), []), *broker_args]
+    click.echo(f"$ lmx-broker --endpoint {endpoint} " + " ".join(args) + " &\n")
     try:
-        wait_ready(endpoint, proc)
+        proc, _ = start_broker(args, endpoint, stderr=broker_log or subprocess.DEVNULL,
+                               timeout=120)
+    except RuntimeError as exc:
+        raise SystemExit(f"walk: {exc}") from None
+    try:
         probe(endpoint, "REGISTER", "smol", smol)
         probe(endpoint, "REGISTER", "gemma", gemma)
         replies = []

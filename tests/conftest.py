@@ -1,16 +1,15 @@
 """Fixtures: the real models, tiny generated GGUFs, and real lmx-broker processes."""
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from lmx.common.client import Client, LmxTimeout
+from lmx.broker.launch import start_broker
+from lmx.common.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = Path(os.environ.get("LMX_MODELS", ROOT / "models"))
@@ -55,26 +54,14 @@ class BrokerProc:
         self.log = open(self.log_path, "wb")
         # Tests register real models and files they write under the temp dir.
         dirs = [str(MODELS), tempfile.gettempdir()] if model_dirs is None else model_dirs
-        cmd = [sys.executable, "-m", "lmx.broker.main", "--endpoint", self.endpoint,
-               "--threads", "2", "--state-dir", str(self.dir / f"{name}-state"),
+        cmd = ["--threads", "2", "--state-dir", str(self.dir / f"{name}-state"),
                *sum((["--model-dir", d] for d in dirs), []), *args]
         self.curve = curve
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         try:
-            wait_until(self._answers, timeout=60, what=f"broker on {self.endpoint}")
-        except BaseException:
-            self.proc.kill()                 # never leave a broker (and its worker) behind
-            self.proc.wait()
-            raise
-
-    def _answers(self):
-        if self.proc.poll() is not None:
-            raise AssertionError(f"broker exited {self.proc.returncode}:\n{self.read_log()}")
-        try:
-            with Client(self.endpoint, timeout=0.5, curve=self.curve) as c:
-                return c.call("STATUS")["status"] == "ok"
-        except LmxTimeout:
-            return False
+            self.proc, _ = start_broker(cmd, self.endpoint, stdout=self.log,
+                                        stderr=subprocess.STDOUT, curve=curve)
+        except RuntimeError as exc:
+            raise AssertionError(f"{exc}:\n{self.read_log()}") from None
 
     def client(self, timeout=60.0, curve=None):
         return Client(self.endpoint, timeout=timeout, curve=curve or self.curve)
@@ -157,10 +144,3 @@ def shared_broker(tmp_path_factory, table):
     b.stop()
 
 
-@pytest.fixture
-def tiny_dir(tmp_path):
-    return tmp_path
-
-
-def which(cmd):
-    return shutil.which(cmd) or str(Path(sys.executable).parent / cmd)

@@ -1,6 +1,8 @@
 """A worker that dies: in-flight requests fail fast with WORKER_LOST, the broker restarts it."""
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,10 +19,13 @@ def test_sigkill_mid_decode_fails_fast_and_the_worker_comes_back(broker_factory,
     old_pid = before["worker_pid"]
     outcome = {}
 
+    flowing = threading.Event()
+
     def decode():
         with broker.client() as c:
             try:
-                c.decode("long", "Once upon a time", 4000)
+                for reply in c.decode_stream("long", "Once upon a time", 4000):
+                    flowing.set()
                 outcome["error"] = None
             except LmxError as err:
                 outcome["error"] = err
@@ -28,8 +33,7 @@ def test_sigkill_mid_decode_fails_fast_and_the_worker_comes_back(broker_factory,
 
     t = threading.Thread(target=decode)
     t.start()
-    wait_until(lambda: broker.status()["inflight"], what="decode in flight")
-    time.sleep(0.3)
+    assert flowing.wait(60), "no token came"       # the worker is deep in the DECODE
     killed_at = time.monotonic()
     os.kill(old_pid, signal.SIGKILL)
     t.join(30)
@@ -49,18 +53,39 @@ def test_sigkill_mid_decode_fails_fast_and_the_worker_comes_back(broker_factory,
         c.unregister("long")
 
 
-def test_broker_refuses_to_start_when_the_worker_cannot(tmp_path):
-    import subprocess
-    import sys
+def test_broker_refuses_bad_options_before_it_starts_anything(tmp_path):
     r = subprocess.run([sys.executable, "-m", "lmx.broker.main", "--endpoint",
                         f"ipc://{tmp_path}/x.sock", "--threads", "-1", "--vram-total", "lots"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "not a size" in r.stderr
 
 
+def test_broker_refuses_to_start_when_the_worker_cannot(tmp_path):
+    """The worker cannot load llama.cpp (its library path points nowhere; the broker never
+    loads llama.cpp itself): the broker exits 1 and says so, and serves nothing."""
+    env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(tmp_path / "no-such-lib"))
+    sock = tmp_path / "x.sock"
+    r = subprocess.run([sys.executable, "-m", "lmx.broker.main", "--endpoint", f"ipc://{sock}",
+                        "--state-dir", str(tmp_path / "state")], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "worker exited with 1 before it was ready" in r.stderr
+    assert not sock.exists()
+
+
+def test_a_second_broker_on_the_same_state_dir_is_refused(broker_factory, tmp_path):
+    first = broker_factory(name="first")
+    state = str(first.dir / "first-state")
+    r = subprocess.run([sys.executable, "-m", "lmx.broker.main", "--endpoint",
+                        f"ipc://{tmp_path}/second.sock", "--state-dir", state],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert f"state directory {state} is in use by another lmx broker (pid " \
+        f"{first.proc.pid})" in r.stderr
+    assert first.status()["worker_state"] == "ready"
+
+
 def test_a_worker_started_by_hand(tmp_path, broker_factory, smol_path):
-    import subprocess
-    import sys
     wep = f"ipc://{tmp_path}/w.sock"
     worker = subprocess.Popen([sys.executable, "-m", "lmx.worker.main", "--broker", wep,
                                "--threads", "2", "--vram-total", "3GiB"])
@@ -81,8 +106,6 @@ def test_a_worker_started_by_hand(tmp_path, broker_factory, smol_path):
 
 
 def test_a_second_broker_on_the_same_socket_is_refused(broker_factory, tmp_path):
-    import subprocess
-    import sys
     first = broker_factory()
     r = subprocess.run([sys.executable, "-m", "lmx.broker.main", "--endpoint", first.endpoint,
                         "--threads", "1"], capture_output=True, text=True, timeout=120)
