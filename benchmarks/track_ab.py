@@ -75,7 +75,8 @@ def _call(c, verb, **fields):
     r = c.call(verb, **fields)
     keep = ("status", "code", "reason", "message", "booked_bytes", "model_booked_bytes",
             "ledger_max_bytes", "ledger_allocated_bytes", "requested_bytes", "generated_tokens",
-            "elapsed_ms", "kv_swap_evicted", "kv_swap_restored", "estimate_source")
+            "elapsed_ms", "kv_swap_evicted", "kv_swap_parked", "kv_swap_restored",
+            "context_reset", "estimate_source")
     return {k: r[k] for k in keep if k in r}
 
 

@@ -1,4 +1,5 @@
-"""Fixtures: the real models, tiny generated GGUFs, and real lmx-broker processes."""
+"""Fixtures: the real models, a model table, and real lmx-broker processes (started and
+waited for by lmx.broker.launch.start_broker, as the benchmarks and bin/walk.py do)."""
 import os
 import signal
 import subprocess
@@ -60,8 +61,10 @@ class BrokerProc:
         try:
             self.proc, _ = start_broker(cmd, self.endpoint, stdout=self.log,
                                         stderr=subprocess.STDOUT, curve=curve)
-        except RuntimeError as exc:
-            raise AssertionError(f"{exc}:\n{self.read_log()}") from None
+        except RuntimeError as exc:         # start_broker has stopped and reaped it
+            log = self.read_log()
+            self.log.close()
+            raise AssertionError(f"{exc}:\n{log}") from None
 
     def client(self, timeout=60.0, curve=None):
         return Client(self.endpoint, timeout=timeout, curve=curve or self.curve)

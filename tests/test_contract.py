@@ -6,7 +6,7 @@ import msgpack
 import pytest
 import zmq
 
-from conftest import BrokerProc
+from conftest import BrokerProc, wait_until
 from lmx.broker.estimate import estimate
 from lmx.common import protocol
 from lmx.common.config import load_model_table
@@ -34,26 +34,29 @@ def test_a_slow_streaming_reader_gets_every_token_and_the_final_reply(shared_bro
     try:
         with shared_broker.client() as c:
             c.register("slow", "smol", n_ctx=2048)
-            sock.send_multipart(protocol.encode_request(
-                "DECODE", 1, agent="slow", prompt="1, 2, 3, 4, 5, 6, 7, 8,", n_predict=n,
-                stream=True))
-            # read nothing until the agent is idle again: generation has ended
-            from conftest import wait_until
-            wait_until(lambda: c.request("LIST")["agents"][0]["decodes"] == 1, timeout=180,
-                       what="the stream to end at the broker")
-            replies = []
-            while not replies or replies[-1]["status"] == "partial":
-                assert sock.poll(10_000), f"stream stopped after {len(replies)} replies"
-                replies.append(protocol.decode_reply(sock.recv_multipart()))
-            final = replies[-1]
-            assert final["status"] == "ok", final
-            partials = replies[:-1]
-            assert [p["index"] for p in partials] == list(range(final["generated_tokens"]))
-            assert final["generated_tokens"] > 1000 or final["stopped_on_eos"]
-            c.unregister("slow")
+            try:
+                _read_slowly(c, sock, n)
+            finally:
+                c.unregister("slow")
     finally:
         sock.close()
         ctx.term()
+
+
+def _read_slowly(c, sock, n):
+    sock.send_multipart(protocol.encode_request(
+        "DECODE", 1, agent="slow", prompt="1, 2, 3, 4, 5, 6, 7, 8,", n_predict=n, stream=True))
+    # read nothing until the agent is idle again: generation has ended at the broker
+    wait_until(lambda: {a["agent"]: a for a in c.list_agents()}["slow"]["decodes"] == 1,
+               timeout=600, what="the stream to end at the broker")
+    replies = []
+    while not replies or replies[-1]["status"] == "partial":
+        assert sock.poll(10_000), f"stream stopped after {len(replies)} replies"
+        replies.append(protocol.decode_reply(sock.recv_multipart()))
+    final = replies[-1]
+    assert final["status"] == "ok", final
+    assert [p["index"] for p in replies[:-1]] == list(range(final["generated_tokens"]))
+    assert final["generated_tokens"] > 1000 or final["stopped_on_eos"]
 
 
 def test_pipelined_register_unregister_on_one_socket_apply_in_order(shared_broker):

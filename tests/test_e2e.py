@@ -6,6 +6,7 @@ import msgpack
 import pytest
 import zmq
 
+from conftest import wait_until
 from ggufs import write_unknown_arch
 from lmx.broker.estimate import estimate
 from lmx.common import protocol
@@ -261,39 +262,51 @@ def test_context_full_is_a_clear_error(shared_broker):
 
 
 def test_requests_on_one_agent_apply_in_the_order_sent(shared_broker):
-    """Pipelined DECODEs on one socket continue one conversation in the order sent: the same
-    tokens as the same prompts sent one by one to a fresh agent (greedy, CPU: deterministic);
-    DECODEs of one agent from many clients each see the context grow."""
+    """DECODEs of one agent sent back to back continue one conversation in the order sent,
+    whether pipelined on one socket or sent by several clients: each reply's n_past grows in
+    send order, and the tokens equal those of the same prompts sent one by one to a fresh
+    agent (greedy decoding on CPU is deterministic)."""
     prompts = [f" Number {i}:" for i in range(6)]
     with shared_broker.client() as c:
-        c.register("q", "smol")
-        c.register("q-ref", "smol")
+        for agent in ("piped", "multi", "ref"):
+            c.register(agent, "smol")
         try:
-            ids = [c.send("DECODE", agent="q", prompt=p, n_predict=3) for p in prompts]
+            ref = [c.decode("ref", p, 3) for p in prompts]           # one at a time
+            # One socket: all six sent before any reply is read.
+            ids = [c.send("DECODE", agent="piped", prompt=p, n_predict=3) for p in prompts]
             piped = [list(c.replies(i))[-1] for i in ids]
-            ref = [c.decode("q-ref", p, 3) for p in prompts]
+            # Six sockets, one request each. Order across sockets is only defined once the
+            # broker has taken a request, so each is sent after the previous one is counted
+            # on the agent (done or queued), and no reply is read before all are sent.
+            clients = [shared_broker.client() for _ in prompts]
+            try:
+                sent = []
+                for k, (cl, p) in enumerate(zip(clients, prompts), 1):
+                    sent.append(cl.send("DECODE", agent="multi", prompt=p, n_predict=3))
+                    wait_until(lambda k=k: _accepted(c, "multi") == k,
+                               what=f"request {k} taken by the broker")
+                multi = [list(cl.replies(i))[-1] for cl, i in zip(clients, sent)]
+            finally:
+                for cl in clients:
+                    cl.close()
+            for replies in (ref, piped, multi):
+                assert [r["status"] for r in replies] == ["ok"] * len(prompts)
+                n_past = [r["n_past"] for r in replies]
+                assert n_past == sorted(set(n_past)), n_past      # strictly increasing
             assert [r["tokens"] for r in piped] == [r["tokens"] for r in ref]
+            assert [r["tokens"] for r in multi] == [r["tokens"] for r in ref]
             assert [r["n_past"] for r in piped] == [r["n_past"] for r in ref]
+            assert [r["n_past"] for r in multi] == [r["n_past"] for r in ref]
         finally:
-            c.unregister("q")
-            c.unregister("q-ref")
-        c.register("m", "smol")
-    results = []
-
-    def go(i):
-        with shared_broker.client() as cl:
-            results.append(cl.decode("m", f"Number {i}:", 2)["n_past"])
-
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(set(results)) == 6           # one at a time: each saw a longer context
-    with shared_broker.client() as c:
-        assert {a["agent"]: a for a in c.list_agents()}["m"]["decodes"] == 6
-        c.unregister("m")
+            for agent in ("piped", "multi", "ref"):
+                c.unregister(agent)
     assert shared_broker.status()["queue_depth"] == 0
+
+
+def _accepted(client, agent):
+    """Requests the broker has taken for agent: done plus queued or running."""
+    rec = {a["agent"]: a for a in client.list_agents()}[agent]
+    return rec["decodes"] + rec["queue_depth"]
 
 
 def test_two_live_contexts_switch_without_swaps(broker_factory, table):

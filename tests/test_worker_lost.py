@@ -69,7 +69,21 @@ def test_broker_refuses_to_start_when_the_worker_cannot(tmp_path):
                         "--state-dir", str(tmp_path / "state")], capture_output=True,
                        text=True, timeout=120, env=env)
     assert r.returncode == 1, r.stderr[-2000:]
+    assert "Shared library with base name 'llama' not found" in r.stderr   # the worker's why
     assert "worker exited with 1 before it was ready" in r.stderr
+    assert not sock.exists()
+
+
+def test_broker_gives_up_when_no_worker_comes(tmp_path):
+    """--no-spawn-worker and nobody connects on --worker-endpoint: the broker gives up after
+    --worker-start-timeout, exits 1 naming the endpoint, and serves nothing."""
+    sock, wep = tmp_path / "x.sock", f"ipc://{tmp_path}/w.sock"
+    r = subprocess.run([sys.executable, "-m", "lmx.broker.main", "--endpoint", f"ipc://{sock}",
+                        "--state-dir", str(tmp_path / "state"), "--no-spawn-worker",
+                        "--worker-endpoint", wep, "--worker-start-timeout", "1"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert f"no worker READY on {wep} within 1 s" in r.stderr
     assert not sock.exists()
 
 
@@ -82,6 +96,8 @@ def test_a_second_broker_on_the_same_state_dir_is_refused(broker_factory, tmp_pa
     assert r.returncode == 1
     assert f"state directory {state} is in use by another lmx broker (pid " \
         f"{first.proc.pid})" in r.stderr
+    with open(os.path.join(state, "broker.lock")) as fh:
+        assert fh.read().strip() == str(first.proc.pid)      # the lock still names the first
     assert first.status()["worker_state"] == "ready"
 
 
