@@ -89,3 +89,24 @@ def test_park_check_tiny(tiny):
                          "--first", "8", "--then", "6", "--json"))
     assert [r["parked"] for r in out["rows"]] == [None, "ram", "disk"]
     assert out["equal"] == 3 and all(r["restored"] for r in out["rows"][1:])
+    out = json.loads(run("park_check.py", "--cpu", "--model", tiny[0], "--agents", "3",
+                         "--first", "8", "--then", "6", "--park-ram", "0", "--json"))
+    assert [r["parked"] for r in out["rows"]] == [None, "disk", "disk"]   # no host room: files
+    assert out["park_ram"] == 0 and out["equal"] == 3
+
+
+def test_engine_batch_tiny(tiny):
+    text = run("engine_batch.py", "--cpu", "--model", tiny[0], "--n", "1", "--n", "2",
+               "--n-predict", "8")
+    assert "N=1: " in text and "N=2: " in text and "ratio 1.00" in text
+
+
+def test_chat_bench_tiny(tiny):
+    out = json.loads(run("chat_bench.py", "--cpu", "--model", tiny[0], "--template", "chatml",
+                         "--turn-tokens", "200", "--widths", "2", "--tokens", "6",
+                         "--repeats", "1", "--json"))
+    r = out["reuse"]
+    assert r["cached_tokens"] > 0 and r["fresh_cached_tokens"] == 0
+    assert r["cached_tokens"] < r["prompt_tokens"] and r["speedup"] > 0
+    [s] = out["sampling"]
+    assert s["n"] == 2 and s["greedy_tok_s"] > 0 and s["sampled_tok_s"] > 0

@@ -43,7 +43,11 @@ def test_three_turns_reuse_the_previous_prompt_and_reply(chat_broker):
                     messages.append(user(follow_up))
             assert turns[0]["cached_tokens"] == 0
             for prev, cur in zip(turns, turns[1:]):
-                assert cur["cached_tokens"] == prev["prompt_tokens"] + prev["completion_tokens"]
+                # the previous prompt and reply are reused; a reply cut by max_tokens leaves
+                # its last sampled token unevaluated (an end-of-turn token is never kept)
+                cut = prev["finish_reason"] == "length"
+                assert cur["cached_tokens"] == prev["prompt_tokens"] + \
+                    prev["completion_tokens"] - cut, (prev, cur)
                 assert cur["prompt_tokens"] > cur["cached_tokens"]
         finally:
             c.unregister("t")
@@ -100,15 +104,16 @@ def test_a_forced_tool_call_is_parsed_with_json_arguments(chat_broker):
 
 
 def test_stop_strings_end_the_reply_and_never_appear_streamed_or_not(chat_broker):
-    messages = [user("Count from one to ten in words, separated by commas.")]
+    messages = [user("Write two sentences about the sea.")]
     with chat_broker.client() as c:
         c.register("s", "smol", n_ctx=1024)
         try:
             free = c.chat("s", messages, max_tokens=40, temperature=0)["content"]
-            stop = next(w for w in ("four", "three", "two", ",") if w in free)
+            assert len(free) >= 8, free
+            stop = free[len(free) // 2:len(free) // 2 + 3]    # from the middle of the reply
             plain = c.chat("s", messages, max_tokens=40, temperature=0, stop=[stop, "zzz"])
             assert plain["finish_reason"] == "stop" and stop not in plain["content"]
-            assert free.startswith(plain["content"])
+            assert plain["content"] == free[:free.index(stop)]
             parts = list(c.chat_stream("s", messages, max_tokens=40, temperature=0, stop=stop))
             deltas = "".join(p["delta"] for p in parts if p["status"] == "partial")
             assert stop not in deltas and deltas == parts[-1]["content"] == plain["content"]
@@ -208,7 +213,8 @@ def test_prefix_reuse_survives_parking(tmp_path_factory, table):
                          user("Another one.")]
             second = c.chat("p", messages, max_tokens=12, temperature=0)
             assert second["kv_swap_restored"] is True
-            assert second["cached_tokens"] == first["prompt_tokens"] + first["completion_tokens"]
+            assert second["cached_tokens"] == first["prompt_tokens"] + \
+                first["completion_tokens"] - (first["finish_reason"] == "length")
     finally:
         b.stop()
 

@@ -176,7 +176,8 @@ def test_unknown_string_verb_stays_unknown_and_verbs_are_case_insensitive():
 
 
 AGENT_VERBS = sorted(v for v, schema in protocol.CLIENT_VERBS.items() if "agent" in schema)
-VALID_FIELDS = {"agent": "a", "model": "m", "prompt": "p", "n_predict": 1, "request": 1}
+VALID_FIELDS = {"agent": "a", "model": "m", "prompt": "p", "n_predict": 1, "request": 1,
+                "messages": [{"role": "user", "content": "hi"}]}
 
 
 def agent_request(verb, agent):

@@ -31,9 +31,21 @@ class Run:
         self.eos = False
         self.stopped_by = None
 
+    chain = None                    # greedy: no sampler chain (a CHAT's Run has one)
+
     @property
     def agent(self):
         return self.slot.agent
+
+    def take(self, engine, tok):
+        """The sampled token; True if the run is done."""
+        return engine._take(self, tok)
+
+    def go_live(self, engine):
+        """Nothing to do once live: the prompt is already pending."""
+
+    def close(self):
+        """Nothing to free: a DECODE holds no native resources."""
 
 
 class DecodeMixin:
@@ -94,11 +106,13 @@ class DecodeMixin:
             run.restored = run.agent in restored
             group = run.slot.group
             run.built = before[id(run.slot)] is None and len(group.members) == 1
+            if run.agent not in self.lost:
+                run.go_live(self)
 
     def step(self, runs):
         """One token for every run (all live): a single llama_decode per group for the runs
         with one token to evaluate, a prompt's chunks on their own; return the runs that
-        finished (their .result, a DecodeResult, is set)."""
+        finished (their .result, a DecodeResult or ChatResult, is set)."""
         by_group = {}
         for run in runs:
             by_group.setdefault(id(run.slot.group), []).append(run)
@@ -115,18 +129,33 @@ class DecodeMixin:
             if singles:
                 self._decode_batch(group, [(r.slot.seq, r.slot.n_past, r.slot.pending[0])
                                            for r in singles])
-                # every row's logits in one array, one argmax (llama_get_logits keeps batch order)
-                n_vocab = group.model.n_vocab
-                rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(group.ctx),
-                                             shape=(len(singles), n_vocab))
-                picks = rows.argmax(axis=1).tolist()
-                for run, tok in zip(singles, picks):
-                    run.slot.n_past += 1
+                for run, tok in zip(singles, self._picks(group, singles)):
+                    slot = run.slot
+                    slot.tokens.append(slot.pending[0])
                     if run.t_prompt is None:
                         run.t_prompt = time.perf_counter()
-                    if self._take(run, tok):
+                    if run.take(self, tok):
                         finished.append(run)
         return finished
+
+    def _picks(self, group, singles):
+        """Each row's token: one vectorized argmax over the greedy (DECODE) rows, and each
+        sampled (CHAT) row through its own chain at its output index in the batch."""
+        greedy = [i for i, r in enumerate(singles) if r.chain is None]
+        picks = [None] * len(singles)
+        if greedy:
+            # every row's logits in one array, one argmax (llama_get_logits keeps batch order)
+            rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(group.ctx),
+                                         shape=(len(singles), group.model.n_vocab))
+            if len(greedy) < len(singles):
+                rows = rows[greedy]
+            for i, tok in zip(greedy, rows.argmax(axis=1).tolist()):
+                picks[i] = tok
+        if len(greedy) < len(singles):
+            for i, run in enumerate(singles):
+                if run.chain is not None:
+                    picks[i] = run.chain.sample(group.ctx, i)
+        return picks
 
     def _prefill(self, group, run):
         slot = run.slot
@@ -138,7 +167,7 @@ class DecodeMixin:
             self._decode_batch(group, [(slot.seq, slot.n_past + j, t)
                                        for j, t in enumerate(chunk)], all_logits=False,
                                last_logits=last)
-            slot.n_past += len(chunk)
+            slot.tokens.extend(chunk)
 
     def _decode_batch(self, group, items, all_logits=True, last_logits=True):
         """llama_decode one batch of (seq, pos, token); logits for each (or the last) row."""
@@ -159,8 +188,11 @@ class DecodeMixin:
             raise LmxError(Code.INTERNAL, f"llama_decode failed with {rc}")
 
     def _sample(self, run, index):
-        """Greedy pick from the batch row `index`; see _take. True if done."""
+        """The pick from the batch row `index` (greedy, or the run's chain); see take. True
+        if done."""
         slot = run.slot
+        if run.chain is not None:
+            return run.take(self, run.chain.sample(slot.group.ctx, index))
         ptr = llama_cpp.llama_get_logits_ith(slot.group.ctx, index)
         return self._take(run, int(np.argmax(np.ctypeslib.as_array(
             ptr, shape=(slot.model.n_vocab,)))))

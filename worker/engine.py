@@ -15,8 +15,12 @@ live, and each PARK says how much host memory the state may take and whether a f
 it: parking.py). Decode is greedy and driven here; the last sampled token of a reply stays
 pending until the next step, so a park or rebuild between steps loses nothing.
 
+A CHAT (chatrun.py) runs on the same steps: its prompt reuses the KV prefix the agent holds
+(each slot keeps the exact tokens in its KV), and its row of each batch is sampled with its own
+sampler chain (sampling.py) while DECODE rows keep the greedy argmax.
+
 Every verb returns its record from common/jobs.py (RegisterResult, UnregisterResult, ParkResult,
-DecodeResult); summary() and slot_state() give the facts each RESULT carries.
+DecodeResult, ChatResult); summary() and slot_state() give the facts each RESULT carries.
 """
 import llama_cpp  # noqa: I001  -- must precede numpy: the CUDA load segfaulted otherwise
 
@@ -30,6 +34,7 @@ from lmx.common.errors import Code, LmxError, Reason
 from lmx.common.jobs import (EngineSummary, Measured, ModelState, RegisterResult, SlotState,
                              UnregisterResult)
 from lmx.worker import parkdisk
+from lmx.worker.chatrun import ChatMixin
 from lmx.worker.decode import DecodeMixin
 from lmx.worker.model import Model, Slot, Group, nvml_delta, trim_heap, device_bytes
 from lmx.worker.llamalog import LlamaLog
@@ -39,7 +44,7 @@ log = logging.getLogger("lmx.worker")
 FLASH_ATTN = {True: 1, False: 0}     # LLAMA_FLASH_ATTN_TYPE_ENABLED / _DISABLED
 
 
-class Engine(DecodeMixin, ParkMixin):
+class Engine(ChatMixin, DecodeMixin, ParkMixin):
     """Models, agents' slots, and the groups of live agents of this worker."""
 
     def __init__(self, n_threads, gpu, pinned, process_bytes=None, park_dir=None,
@@ -222,7 +227,7 @@ class Engine(DecodeMixin, ParkMixin):
             for slot in members:       # live sequences are lost (parked ones stay parked)
                 slot.group = slot.seq = None
                 if slot.parked is None and not slot.on_disk:
-                    slot.n_past, slot.pending = 0, []
+                    slot.tokens, slot.pending = [], []
             group.members = []
             self.groups.remove(group)
             why = self.llama_log.last_error() or "llama_init_from_model returned NULL"

@@ -10,6 +10,9 @@ log = logging.getLogger("lmx.llama")
 _BUFFER_RE = re.compile(r"(\S+)\s+(model|KV|compute|output|RS) buffer size =\s*([0-9.]+) MiB")
 _LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 _ERROR, _CONT = 4, 5  # GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT
+# llama.cpp keeps the last callback installed for the whole process: every callback ever
+# installed stays alive, so a collected LlamaLog (a closed Engine) never leaves it dangling.
+_INSTALLED = []
 
 
 class LlamaLog:
@@ -20,6 +23,10 @@ class LlamaLog:
         self._level = 2
         self._lines = []
         self._callback = llama_cpp.llama_log_callback(self._on_log)
+        _INSTALLED.append(self._callback)
+        self._install()
+
+    def _install(self):
         llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
 
     def _on_log(self, level, text, _user):
@@ -39,7 +46,9 @@ class LlamaLog:
                 log.log(level, "%s", line)
 
     def reset(self):
-        """Forget lines seen so far (call before a load or context creation)."""
+        """Forget lines seen so far and take the log over again (another Engine in this
+        process may have installed its own); call before a load or context creation."""
+        self._install()
         self._lines.clear()
 
     def buffers(self):

@@ -60,29 +60,38 @@ class Model:
         self.vocab = llama_cpp.llama_model_get_vocab(ptr)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        raw = llama_cpp.llama_model_chat_template(ptr, None)
+        self.chat_template = raw.decode("utf-8", "replace") if raw else None
+        self.bos_text = self._special_text(llama_cpp.llama_vocab_bos(self.vocab))
+        self.eos_text = self._special_text(llama_cpp.llama_vocab_eos(self.vocab))
+        self.n_swa = llama_cpp.llama_model_n_swa(ptr)
         self.refs = 0
         self.load_ms = load_ms
         self.buffers = buffers
 
-    def tokenize(self, text, add_bos):
-        """Text -> token ids (special tokens in the text are not parsed)."""
+    def _special_text(self, token):
+        # A vocab without that token reports -1: the template then gets "".
+        return self.piece(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
+
+    def tokenize(self, text, add_bos, special=False):
+        """Text -> token ids; special: parse special-token text (a rendered chat template)."""
         raw = text.encode("utf-8")
         cap = len(raw) + 8
         buf = (llama_cpp.llama_token * cap)()
-        n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_bos, False)
+        n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_bos, special)
         if n < 0:
             cap = -n
             buf = (llama_cpp.llama_token * cap)()
-            n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_bos, False)
+            n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_bos, special)
         return list(buf[:n])
 
-    def piece(self, token):
-        """One token's bytes."""
+    def piece(self, token, special=False):
+        """One token's bytes (special: control tokens as their text, else as nothing)."""
         buf = ctypes.create_string_buffer(64)
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
         return buf.raw[:n]
 
 
@@ -94,7 +103,7 @@ class Slot:
         self.model = model
         self.spec = spec
         self.n_ctx = spec.n_ctx
-        self.n_past = 0          # tokens already in the KV cache
+        self.tokens = []         # exactly the tokens in its KV cache, in order (prefix reuse)
         self.pending = []        # sampled but not yet evaluated (the last token of a reply)
         self.group = None        # the Group it is live in, and its sequence id there
         self.seq = None
@@ -104,6 +113,11 @@ class Slot:
         self.parks = 0
         self.decodes = 0
         self.generated = 0
+
+    @property
+    def n_past(self):
+        """Tokens already in the KV cache."""
+        return len(self.tokens)
 
 
 class Group:

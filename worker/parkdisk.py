@@ -1,7 +1,8 @@
 """Parked KV state on disk, so a worker (or broker) restart can resume an agent's conversation.
 
 Each parked agent has `<dir>/<agent>.state` (llama_state_get_data bytes) and
-`<dir>/<agent>.json` (model path and size, the context spec, n_past, pending tokens), both
+`<dir>/<agent>.json` (model path and size, the context spec, n_past, the pending tokens and the
+tokens in the KV, for a CHAT's prefix reuse), both
 written through a temporary file and renamed, the JSON last. There is no fsync: a killed worker
 or broker loses nothing (the page cache holds the files), a power cut can; an fsync of a
 gigabyte of KV state on every swap would cost more than the swap. A state is valid only for the

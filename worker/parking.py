@@ -38,7 +38,10 @@ class ParkMixin:
             return False
         raw, meta = found
         slot.on_disk, slot.parked_bytes = True, len(raw)
-        slot.n_past, slot.pending = meta["n_past"], meta["pending"]
+        # A file from before tokens were saved: placeholders (-1 matches no token), so its
+        # conversation continues but a CHAT reuses none of it.
+        slot.tokens = list(meta.get("tokens") or [-1] * meta["n_past"])
+        slot.pending = meta["pending"]
         log.info("worker: resumed %s from disk (%d tokens)", slot.agent, slot.n_past)
         return True
 
@@ -69,7 +72,8 @@ class ParkMixin:
         """Save the live sequence: kept in host memory (in_ram) and/or written to a file."""
         buf = self._seq_save(slot.group.ctx, slot.seq)
         if to_disk:     # in RAM too: a copy, so a restart can resume the conversation
-            meta = dict(self._disk_key(slot), n_past=slot.n_past, pending=slot.pending)
+            meta = dict(self._disk_key(slot), n_past=slot.n_past, pending=slot.pending,
+                        tokens=slot.tokens)
             parkdisk.save(self.park_dir, slot.agent, ctypes.string_at(buf.data, buf.nbytes),
                           meta)
         slot.parked_bytes = buf.nbytes
@@ -129,7 +133,7 @@ class ParkMixin:
 
     def _lose(self, slot, why):
         """Reset the slot's conversation and note it in self.lost; the STATE_LOST error."""
-        slot.n_past, slot.pending = 0, []
+        slot.tokens, slot.pending = [], []
         err = LmxError(Code.STATE_LOST, f"{why}; its conversation was reset", agent=slot.agent)
         self.lost[slot.agent] = err
         return err

@@ -1,15 +1,16 @@
 """The worker's compute loop: every runnable agent advanced together, a token per step.
 
 Jobs arrive as Incoming items (the typed job record from common/jobs.py and the time the main
-thread received it). Each agent has a FIFO of its DECODEs and its UNREGISTER, so its own
+thread received it). Each agent has a FIFO of its DECODEs, CHATs and its UNREGISTER, so its own
 requests keep their order. Every agent with a running DECODE is live in a group (engine.py);
 each step evaluates one token of every running agent of a group in one llama_decode, so agents
 on one model are batched and none starves; groups (different models or specs) take turns of
 `quantum` steps, and new jobs are taken between turns, so a short request is not stuck behind a
 long one. REGISTER and PARK run as soon as they arrive; the broker sends PARK only for an agent
 with no work in flight, so a PARK for one with work here is a broker bug (INTERNAL). A DECODE
-cancelled or past its deadline before it starts is answered without running; once running it
-stops at its next token. Deadlines count from the moment the main thread received the job.
+or CHAT cancelled or past its deadline before it starts is answered without running; once
+running it stops at its next token (a CHAT streams TOKEN events whose text is the delta).
+Deadlines count from the moment the main thread received the job.
 
 Every job is answered by exactly one RESULT: ``Result(status, slot, engine, error, out)``.
 """
@@ -24,7 +25,7 @@ from typing import NamedTuple, Optional
 from lmx.common import protocol
 from lmx.common.ctxspec import ContextSpec
 from lmx.common.errors import Code, LmxError
-from lmx.common.jobs import (DecodeJob, ParkJob, RegisterJob, Result, UnregisterJob)
+from lmx.common.jobs import (ChatJob, DecodeJob, ParkJob, RegisterJob, Result, UnregisterJob)
 
 log = logging.getLogger("lmx.worker")
 
@@ -79,7 +80,7 @@ class Scheduler:
             else:
                 self._finish(item, lambda: self.engine.park(job.agent, job.ram_bytes,
                                                             bool(job.disk)))
-        elif isinstance(job, (DecodeJob, UnregisterJob)):
+        elif isinstance(job, (DecodeJob, ChatJob, UnregisterJob)):
             self.waiting.setdefault(job.agent, collections.deque()).append(item)
         else:
             self._reply(item, error=LmxError(Code.UNKNOWN_VERB,
@@ -152,11 +153,20 @@ class Scheduler:
                 continue
             stream = self._stream(item) if job.stream else None
             try:
-                run = self.engine.start(agent, job.prompt, job.n_predict,
-                                        job.max_prompt_tokens, on_token=stream,
-                                        should_stop=should_stop)
+                if isinstance(job, ChatJob):
+                    run = self.engine.start_chat(agent, job, on_token=stream,
+                                                 should_stop=should_stop)
+                else:
+                    run = self.engine.start(agent, job.prompt, job.n_predict,
+                                            job.max_prompt_tokens, on_token=stream,
+                                            should_stop=should_stop)
             except LmxError as err:
                 self._reply(item, error=err)
+                continue
+            except Exception as exc:     # a bug must not kill the worker: report it
+                log.exception("worker: %s failed to start", item.verb)
+                self._reply(item, error=LmxError(Code.INTERNAL,
+                                                 f"worker error in {item.verb}: {exc}"))
                 continue
             self.running[agent] = (item, run)
             return True
@@ -165,6 +175,7 @@ class Scheduler:
 
     def _end(self, run, error=None):
         item, _ = self.running.pop(run.agent)
+        run.close()         # a CHAT's sampler chain is freed however it ends
         if error is not None:
             self._reply(item, error=error)
         else:
