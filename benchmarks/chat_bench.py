@@ -111,6 +111,32 @@ def sampling_share(eng, model, spec, template, n, tokens, repeats):
             "timed_tokens": [t for _, t in sampled]}
 
 
+def seeded_alone_vs_batch(eng, model, spec, template, n=4, tokens=24):
+    """How many of n seeded chats give the same text alone and in one batch of n."""
+    msgs = [{"role": "user", "content": "Tell me about the sea."}]
+    alone = []
+    for i in range(n):
+        eng.register("solo", model, spec)
+        alone.append(eng.chat("solo", job("solo", msgs, template, max_tokens=tokens,
+                                          seed=1000 + i)).content)
+        eng.unregister("solo")
+    agents = [f"s{i}" for i in range(n)]
+    for a in agents:
+        eng.register(a, model, spec)
+    runs = [eng.start_chat(a, job(a, msgs, template, max_tokens=tokens, seed=1000 + i))
+            for i, a in enumerate(agents)]
+    eng.prepare(runs)
+    active = list(runs)
+    while active:
+        eng.step(active)
+        active = [r for r in active if r.result is None]
+    batched = [r.result.content for r in runs]
+    for a in agents:
+        eng.unregister(a)
+    return {"n": n, "equal": sum(x == y for x, y in zip(alone, batched)),
+            "batch": max(r.result.batch for r in runs)}
+
+
 @click.command()
 @click.option("--model", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--template", default=None, help="Template override (e.g. chatml) for models "
@@ -132,7 +158,9 @@ def main(model, template, turn_tokens, widths, tokens, repeats, cpu, as_json):
                "reuse": prefix_reuse(eng, model, spec, template, turn_tokens, repeats),
                "sampling": [sampling_share(eng, model, ContextSpec(
                    n_ctx=1024, n_gpu_layers=spec.n_gpu_layers), template, int(n), tokens,
-                   repeats) for n in widths.split(",")]}
+                   repeats) for n in widths.split(",")],
+               "seeded": seeded_alone_vs_batch(eng, model, ContextSpec(
+                   n_ctx=512, n_gpu_layers=spec.n_gpu_layers), template)}
     finally:
         eng.close()
     if as_json:
@@ -143,6 +171,9 @@ def main(model, template, turn_tokens, widths, tokens, repeats, cpu, as_json):
     click.echo(f"prefix reuse: turn 2 of {r['prompt_tokens']} tokens, {r['cached_tokens']} "
                f"cached: prefill {r['reuse_prefill_ms']} ms vs {r['full_prefill_ms']} ms "
                f"fresh ({r['speedup']}x; goal >= 10x)")
+    sd = out["seeded"]
+    click.echo(f"seeded sampling: {sd['equal']} of {sd['n']} texts equal alone and in a batch "
+               f"of {sd['batch']}")
     for s in out["sampling"]:
         click.echo(f"N={s['n']}: greedy {s['greedy_tok_s']} tok/s, sampled "
                    f"{s['sampled_tok_s']} tok/s, share {s['share']} (goal >= 0.9 at N=8)")

@@ -8,13 +8,22 @@ until the next step, so whatever happens between steps (a park, a rebuild) loses
 """
 import llama_cpp  # noqa: I001  -- must precede numpy: the CUDA load segfaulted otherwise
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from lmx.common.errors import Code, LmxError, Reason
 from lmx.common.jobs import DecodeResult
 from lmx.worker.model import Emitter
+
+
+SAMPLER_THREADS = max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+def _sample_part(ctx, chains, rows):
+    return [chain.sample(ctx, i) for chain, i in zip(chains, rows)]
 
 
 class Run:
@@ -151,10 +160,26 @@ class DecodeMixin:
                 rows = rows[greedy]
             for i, tok in zip(greedy, rows.argmax(axis=1).tolist()):
                 picks[i] = tok
-        if len(greedy) < len(singles):
-            for i, run in enumerate(singles):
-                if run.chain is not None:
-                    picks[i] = run.chain.sample(group.ctx, i)
+        sampled = [i for i, r in enumerate(singles) if r.chain is not None]
+        for i, tok in zip(sampled, self._sample_rows(group.ctx, [singles[i].chain
+                                                                 for i in sampled], sampled)):
+            picks[i] = tok
+        return picks
+
+    def _sample_rows(self, ctx, chains, rows):
+        """Each chain samples its own row. ctypes releases the GIL in llama.cpp's samplers,
+        so rows are split across a few threads (a chain and its row belong to one thread;
+        the chains are independent, so the tokens are what one thread would pick)."""
+        if len(rows) < 2 or any(c.grammar is not None for c in chains):
+            return [c.sample(ctx, i) for c, i in zip(chains, rows)]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(SAMPLER_THREADS, thread_name_prefix="lmx-sample")
+        parts = min(SAMPLER_THREADS, len(rows))
+        jobs = [self._pool.submit(_sample_part, ctx, chains[k::parts], rows[k::parts])
+                for k in range(parts)]
+        picks = [None] * len(rows)
+        for k, job in enumerate(jobs):
+            picks[k::parts] = job.result()
         return picks
 
     def _prefill(self, group, run):

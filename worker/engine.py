@@ -65,6 +65,7 @@ class Engine(ChatMixin, DecodeMixin, ParkMixin):
         self.loads = 0
         self._batch = None
         self._batch_size = 0
+        self._pool = None             # threads that sample a batch's rows (decode.py)
         self.llama_log = LlamaLog()
         llama_cpp.llama_backend_init()
 
@@ -313,6 +314,9 @@ class Engine(ChatMixin, DecodeMixin, ParkMixin):
 
     def close(self):
         """Free every context, parked buffer and model."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         for group in list(self.groups):
             if group.ctx is not None:
                 llama_cpp.llama_free(group.ctx)

@@ -69,9 +69,11 @@ class Chain:
     def _add_samplers(self, model, s):
         if (s.repeat_penalty != 1.0 or s.frequency_penalty != 0.0
                 or s.presence_penalty != 0.0) and s.penalty_last_n != 0:
-            # The bundled header still takes n_vocab first (ignored by llama.cpp itself).
+            # llama-cpp-python 0.3.36 declares a leading n_vocab that llama.cpp's C function
+            # (int32 last_n, float repeat, float freq, float present) no longer has: the
+            # first int lands in last_n, so last_n goes in both int places.
             self._add(llama_cpp.llama_sampler_init_penalties(
-                model.n_vocab, s.penalty_last_n, s.repeat_penalty, s.frequency_penalty,
+                s.penalty_last_n, s.penalty_last_n, s.repeat_penalty, s.frequency_penalty,
                 s.presence_penalty))
         if s.temperature <= 0:
             self._add(llama_cpp.llama_sampler_init_greedy())
