@@ -217,11 +217,9 @@ class ParkResult(Record):
 
 
 @dataclass
-class DecodeResult(Record):
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    stopped_on_eos: bool = False
-    stopped_by: Optional[str] = None  # "cancel", "deadline" or None
+class RunStats(Record):
+    """What every DECODE and CHAT result says of its run: timings, swap, batch, length."""
+
     elapsed_ms: float = 0.0
     swap_ms: float = 0.0
     prompt_ms: float = 0.0
@@ -230,14 +228,22 @@ class DecodeResult(Record):
     kv_swap_restored: bool = False
     batch: int = 0
     n_past: int = 0
-    text: str = ""
-    tokens: List[int] = field(default_factory=list)
     context_measured: Optional[Measured] = None   # the context was built for it alone
 
 
 @dataclass
-class ChatResult(Record):
-    """A CHAT's reply: the message, why it ended, token counts and the timings DECODE has."""
+class DecodeResult(RunStats):
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    stopped_on_eos: bool = False
+    stopped_by: Optional[str] = None  # "cancel", "deadline" or None
+    text: str = ""
+    tokens: List[int] = field(default_factory=list)
+
+
+@dataclass
+class ChatResult(RunStats):
+    """A CHAT's reply: the message, why it ended, token counts (and RunStats)."""
 
     content: str = ""
     tool_calls: list = field(default_factory=list)   # [{id, type: function, function:
@@ -247,16 +253,7 @@ class ChatResult(Record):
     completion_tokens: int = 0
     cached_tokens: int = 0            # prompt tokens reused from the agent's KV
     truncated_tokens: int = 0         # dropped by truncate: "middle"
-    elapsed_ms: float = 0.0
-    swap_ms: float = 0.0
-    prompt_ms: float = 0.0
-    gen_ms: float = 0.0
-    ttft_ms: Optional[float] = None
-    kv_swap_restored: bool = False
-    batch: int = 0
-    n_past: int = 0
     seed: Optional[int] = None        # the seed the chain used
-    context_measured: Optional[Measured] = None
 
 
 RESULT_TYPES = {"REGISTER": RegisterResult, "UNREGISTER": UnregisterResult,

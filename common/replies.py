@@ -11,14 +11,6 @@ from lmx.common.records import Record
 
 
 @dataclass
-class LedgerNumbers(Record):
-    """The ledger after a change: cap and allocated bytes."""
-
-    ledger_max_bytes: int = 0
-    ledger_allocated_bytes: int = 0
-
-
-@dataclass
 class RegisterReply(Record):
     agent: str
     path: str

@@ -180,14 +180,4 @@ class ChatMixin:
 
     def chat(self, agent, job, on_token=None, should_stop=None):
         """Run one CHAT alone to its end and return its ChatResult (tests, tools)."""
-        run = self.start_chat(agent, job, on_token, should_stop)
-        try:
-            self.prepare([run])
-            lost = self.lost.pop(agent, None)
-            if lost is not None:
-                raise lost
-            while run.result is None:
-                self.step([run])
-            return run.result
-        finally:
-            run.close()
+        return self.run_alone(self.start_chat(agent, job, on_token, should_stop))

@@ -93,14 +93,22 @@ class DecodeMixin:
     def decode(self, agent, prompt, n_predict, max_prompt_tokens=None, on_token=None,
                should_stop=None):
         """Run one DECODE alone to its end and return its DecodeResult (tests, tools)."""
-        run = self.start(agent, prompt, n_predict, max_prompt_tokens, on_token, should_stop)
-        self.prepare([run])
-        lost = self.lost.pop(agent, None)
-        if lost is not None:
-            raise lost
-        while run.result is None:
-            self.step([run])
-        return run.result
+        return self.run_alone(self.start(agent, prompt, n_predict, max_prompt_tokens,
+                                         on_token, should_stop))
+
+    def run_alone(self, run):
+        """Make a started run live, step it to its end, free it; its result (or the
+        STATE_LOST error its restore raised)."""
+        try:
+            self.prepare([run])
+            lost = self.lost.pop(run.agent, None)
+            if lost is not None:
+                raise lost
+            while run.result is None:
+                self.step([run])
+            return run.result
+        finally:
+            run.close()
 
     def prepare(self, runs):
         """Make every run's agent live (restoring parked state) before its first step. A run
