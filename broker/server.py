@@ -21,7 +21,8 @@ from lmx.broker import access
 from lmx.broker.core import Core
 from lmx.broker.core.events import (CancelJob, ClientRequest, ClientSlow, KillWorker, Log,
                                     Reply, SendJob, SpawnWorker, Tick, WorkerHeartbeat,
-                                    WorkerLost, WorkerReady, WorkerResult, WorkerToken)
+                                    WorkerLost, WorkerReady, WorkerResult, WorkerStarting,
+                                    WorkerToken)
 from lmx.broker.estimate import estimate
 from lmx.broker.journal import Journal
 from lmx.broker.measured import MeasuredCache
@@ -214,8 +215,8 @@ class Broker:
                                       "starting", now))
         if self._respawn_at is not None and now >= self._respawn_at:
             self._respawn_at = None
-            self.core.worker.state = "starting"
             self.worker.spawn()
+            self._dispatch(WorkerStarting(now))
 
     def close(self):
         """Stop the worker, close the sockets, release the state directory."""

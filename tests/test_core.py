@@ -306,3 +306,28 @@ def test_a_chat_is_checked_then_queued_like_a_decode():
     reply = h.final(ok)
     assert (reply["content"], reply["seed"], reply["finish_reason"]) == ("hi", 7, "stop")
     assert h.core.agents["a"].generated_tokens == 2
+
+
+def test_a_bug_in_the_core_is_logged_and_the_core_keeps_serving(monkeypatch):
+    from lmx.broker.core import outcomes
+    h = Harness()
+    h.send("REGISTER", agent="a", model="small")
+    job = h.jobs()[0]
+    monkeypatch.setattr(outcomes, "on_result", lambda core, ev: 1 / 0)
+    actions = h.core.handle(__import__("lmx.broker.core.events", fromlist=["WorkerResult"])
+                            .WorkerResult(job.job_id, h.worker.answer(job), h.now, h.now))
+    assert [(a.level, "ZeroDivisionError" in a.text) for a in actions] == [("exception", True)]
+    monkeypatch.undo()
+    status = h.send("STATUS")
+    assert h.replies[(b"c1", status)][0]["worker_state"] == "ready"
+
+
+def test_the_worker_state_follows_loss_and_restart():
+    from lmx.broker.core.events import WorkerStarting
+    h = Harness()
+    h.feed(WorkerLost("exited", h.now))
+    assert h.core.worker.state == "lost" and h.core.worker.restarts == 1
+    h.feed(WorkerStarting(h.now))
+    assert h.core.worker.state == "starting"
+    h.feed(WorkerReady(3, DeviceReading("cpu", "declared", "cpu", 1000 * MiB), h.now))
+    assert h.core.worker.state == "ready" and h.core.worker.pid == 3

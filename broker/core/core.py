@@ -16,7 +16,7 @@ import itertools
 from lmx.broker.core import booking, chatreq, outcomes, recovery, room, views
 from lmx.broker.core.events import (CancelJob, ClientRequest, ClientSlow, Log, Reply, SendJob, Tick,
                                     WorkerHeartbeat, WorkerLost, WorkerReady, WorkerResult,
-                                    WorkerToken)
+                                    WorkerStarting, WorkerToken)
 from lmx.broker.core.state import Lane, Op
 from lmx.broker.ledger import Ledger
 from lmx.common import protocol
@@ -73,6 +73,7 @@ class Core:
                         WorkerReady: lambda ev: recovery.on_ready(self, ev),
                         WorkerHeartbeat: lambda ev: recovery.on_heartbeat(self, ev),
                         WorkerLost: lambda ev: recovery.on_lost(self, ev),
+                        WorkerStarting: lambda ev: recovery.on_starting(self, ev),
                         ClientSlow: self._on_slow, Tick: self._on_tick}
         self._verbs = {"HELP": self._help, "STATUS": self._status, "LIST": self._list,
                        "REGISTER": self._register, "UNREGISTER": self._unregister,
@@ -85,13 +86,18 @@ class Core:
 
     def handle(self, event):
         """Apply one event; return the actions to carry out, in order."""
+        self._out = []
         self.now = event.now
         self.wall = getattr(event, "wall", self.wall)
         if not (isinstance(event, Tick) or isinstance(event, ClientRequest) and
                 event.verb in READ_ONLY):
             self.revision += 1
-        self._events[type(event)](event)
-        room.pump(self)
+        try:
+            self._events[type(event)](event)
+            room.pump(self)
+        except Exception as exc:  # a bug: say so, and still carry out what was decided
+            self.log("exception", f"broker: the core failed on {type(event).__name__}: "
+                     f"{exc!r}")
         out, self._out = self._out, []
         return out
 

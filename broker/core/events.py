@@ -64,6 +64,13 @@ class WorkerToken:
 
 
 @dataclass
+class WorkerStarting:
+    """The server started a new worker process (after a SpawnWorker)."""
+
+    now: float
+
+
+@dataclass
 class WorkerLost:
     """The worker process exited (the server saw it), or the server gave up on it."""
 

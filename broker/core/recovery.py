@@ -75,6 +75,12 @@ def check_liveness(core, now):
         lose(core, "heartbeats stopped")
 
 
+def on_starting(core, ev):
+    """A new worker process is on its way: say so until its READY."""
+    if core.worker.state == "lost":
+        core.worker.state = "starting"
+
+
 def on_lost(core, ev):
     if core.worker.state != "lost":
         lose(core, ev.why)
