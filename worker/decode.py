@@ -17,7 +17,6 @@ import numpy as np
 from lmx.common.errors import Code, LmxError, Reason
 from lmx.common.jobs import DecodeResult
 from lmx.worker.model import Emitter
-from lmx.worker.sampling import sample_batch
 
 
 SAMPLER_THREADS = max(1, min(8, len(os.sched_getaffinity(0))))
@@ -169,16 +168,9 @@ class DecodeMixin:
                 rows = rows[greedy]
             for i, tok in zip(greedy, rows.argmax(axis=1).tolist()):
                 picks[i] = tok
-        fast = [i for i, r in enumerate(singles) if r.chain is not None and r.chain.min_p]
-        if fast:
-            rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(group.ctx),
-                                         shape=(len(singles), group.model.n_vocab))
-            rows = rows if len(fast) == len(singles) else rows[fast]
-            for i, tok in zip(fast, sample_batch(rows, [singles[i].chain for i in fast])):
-                picks[i] = tok
-        slow = [i for i, r in enumerate(singles) if r.chain is not None and not r.chain.min_p]
-        for i, tok in zip(slow, self._sample_rows(group.ctx, [singles[i].chain
-                                                              for i in slow], slow)):
+        sampled = [i for i, r in enumerate(singles) if r.chain is not None]
+        for i, tok in zip(sampled, self._sample_rows(group.ctx, [singles[i].chain
+                                                                 for i in sampled], sampled)):
             picks[i] = tok
         return picks
 

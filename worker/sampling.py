@@ -1,4 +1,4 @@
-"""A CHAT's sampler chain: grammar, penalties, min-p, top-k, top-p, temperature, dist(seed).
+"""A CHAT's sampler chain: grammar, penalties, top-k, top-p, min-p, temperature, dist(seed).
 
 One llama.cpp chain per Run, freed when the Run ends. ``llama_sampler_sample(chain, ctx, i)``
 reads the logits of output row i of the last llama_decode (so every agent of a batch samples
@@ -46,7 +46,6 @@ class Chain:
         params.no_perf = True
         self.ptr = llama_cpp.llama_sampler_chain_init(params)
         self.seed, self.grammar = seed, None
-        self.min_p = None         # set when sample_batch may prefilter this chain's rows
         try:
             if grammar is not None:
                 self.grammar = _grammar(model, *grammar)
@@ -68,9 +67,8 @@ class Chain:
         llama_cpp.llama_sampler_chain_add(self.ptr, sampler)   # the chain owns it now
 
     def _add_samplers(self, model, s):
-        penalties = (s.repeat_penalty != 1.0 or s.frequency_penalty != 0.0
-                     or s.presence_penalty != 0.0) and s.penalty_last_n != 0
-        if penalties:
+        if (s.repeat_penalty != 1.0 or s.frequency_penalty != 0.0
+                or s.presence_penalty != 0.0) and s.penalty_last_n != 0:
             # llama-cpp-python 0.3.36 declares a leading n_vocab that llama.cpp's C function
             # (int32 last_n, float repeat, float freq, float present) no longer has: the
             # first int lands in last_n, so last_n goes in both int places.
@@ -80,16 +78,12 @@ class Chain:
         if s.temperature <= 0:
             self._add(llama_cpp.llama_sampler_init_greedy())
             return
-        if s.min_p:
-            # min-p first: it keeps the logits >= the row's best + log(min_p), a threshold a
-            # whole batch can apply at once (sample_batch), so the chain sees only those
-            self._add(llama_cpp.llama_sampler_init_min_p(s.min_p, 1))
-            if self.grammar is None and not penalties:
-                self.min_p = s.min_p
         if s.top_k and s.top_k > 0:
             self._add(llama_cpp.llama_sampler_init_top_k(s.top_k))
         if s.top_p is not None and s.top_p < 1.0:
             self._add(llama_cpp.llama_sampler_init_top_p(s.top_p, 1))
+        if s.min_p:
+            self._add(llama_cpp.llama_sampler_init_min_p(s.min_p, 1))
         self._add(llama_cpp.llama_sampler_init_temp(s.temperature))
         self._add(llama_cpp.llama_sampler_init_dist(self.seed))
 
@@ -106,18 +100,6 @@ class Chain:
         if not np.isfinite(one[0].logit):      # the grammar rejects it: draw among the valid
             tok = self._draw(logits, grammar_first=True)
         llama_cpp.llama_sampler_accept(self.grammar, tok)
-        llama_cpp.llama_sampler_accept(self.ptr, tok)
-        return tok
-
-    def sample_candidates(self, ids, row):
-        """The chain over the tokens `ids` of one row's logits only (the ones its min-p keeps),
-        then accepted: the token llama_sampler_sample would pick over the whole row."""
-        cur = np.empty(len(ids), TOKEN_DATA)
-        cur["id"], cur["logit"], cur["p"] = ids, row[ids], 0.0
-        arr = llama_cpp.llama_token_data_array(
-            cur.ctypes.data_as(llama_cpp.llama_token_data_p), len(cur), -1, False)
-        llama_cpp.llama_sampler_apply(self.ptr, ctypes.byref(arr))
-        tok = int(arr.data[arr.selected].id)
         llama_cpp.llama_sampler_accept(self.ptr, tok)
         return tok
 
@@ -142,18 +124,6 @@ class Chain:
         if self.grammar:
             llama_cpp.llama_sampler_free(self.grammar)
             self.grammar = None
-
-
-def sample_batch(logits, chains):
-    """One token per row of logits (rows x n_vocab, the batch's outputs in order) for chains
-    that all have min_p set: the min-p threshold of every row in one numpy pass, then each
-    chain over its few candidates (in token order, as llama_sampler_sample presents them)."""
-    best = logits.max(axis=1)
-    floor = best + np.log(np.array([c.min_p for c in chains], np.float32))
-    rows, cols = np.nonzero(logits >= floor[:, None])
-    bounds = np.searchsorted(rows, np.arange(len(chains) + 1))
-    return [chain.sample_candidates(cols[bounds[k]:bounds[k + 1]].astype(np.int32), logits[k])
-            for k, chain in enumerate(chains)]
 
 
 def _grammar(model, gbnf, trigger=None):
