@@ -331,3 +331,16 @@ def test_the_worker_state_follows_loss_and_restart():
     assert h.core.worker.state == "starting"
     h.feed(WorkerReady(3, DeviceReading("cpu", "declared", "cpu", 1000 * MiB), h.now))
     assert h.core.worker.state == "ready" and h.core.worker.pid == 3
+
+
+def test_a_bug_when_a_request_starts_is_answered_and_never_wedges_its_lane(monkeypatch):
+    from lmx.broker.core import booking
+    h = Harness()
+    real = booking.start_register
+    monkeypatch.setattr(booking, "start_register", lambda core, op: {}["boom"])
+    bad = h.send("REGISTER", agent="a", model="small")
+    assert h.final(bad)["code"] == Code.INTERNAL and "a" not in h.core.lanes
+    monkeypatch.setattr(booking, "start_register", real)
+    ok = h.send("REGISTER", agent="a", model="small")
+    h.run_jobs()
+    assert h.final(ok)["status"] == "ok"

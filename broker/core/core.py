@@ -244,6 +244,12 @@ class Core:
             except LmxError as err:
                 lane.active = None
                 self.reply(op.identity, op.msg_id, err.fields())
+            except Exception as exc:  # a bug: answer it and free the lane, never wedge it
+                lane.active = None
+                self.log("exception", f"broker: starting {op.verb} of {op.agent} failed: "
+                         f"{exc!r}")
+                self.reply(op.identity, op.msg_id, LmxError(
+                    Code.INTERNAL, f"{op.verb} failed: {exc}").fields())
         if lane is not None and lane.idle:
             del self.lanes[name]
 
