@@ -238,3 +238,27 @@ def test_chats_of_many_clients_at_once(chat_broker):
     for t in threads:
         t.join(120)
     assert not errors, errors
+
+
+def test_probe_chat_with_a_schema_and_streamed(chat_broker, tmp_path):
+    import subprocess
+    import sys
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    probe = [sys.executable, "-m", "lmx.common.probe", "--endpoint", chat_broker.endpoint]
+    with chat_broker.client() as c:
+        c.register("pr", "smol", n_ctx=1024)
+        try:
+            out = subprocess.run(probe + ["--json", "chat", "pr", "Invent a person.",
+                                          "--json-schema", str(schema), "--max-tokens", "64",
+                                          "--seed", "5"], capture_output=True, text=True,
+                                 timeout=120)
+            assert out.returncode == 0, out.stderr
+            reply = json.loads(out.stdout)
+            jsonschema.validate(json.loads(reply["content"]), SCHEMA)
+            out = subprocess.run(probe + ["chat", "pr", "Say hi.", "--stream", "--system",
+                                          "Be brief.", "--max-tokens", "8"],
+                                 capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0 and "finish_reason:" in out.stdout, out.stderr
+        finally:
+            c.unregister("pr")
