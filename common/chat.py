@@ -225,6 +225,26 @@ def normalize_messages(messages):
     return out
 
 
+def calls_as_text(messages):
+    """For templates that know no tool calls: each assistant message's tool_calls written
+    into its content in the Hermes format the tools prompt asks for, so the model sees what
+    it called (tool results stay messages of role tool)."""
+    out = []
+    for m in messages:
+        calls = m.get("tool_calls")
+        if not calls:
+            out.append(m)
+            continue
+        blocks = [json.dumps({"name": c["function"]["name"],
+                              "arguments": c["function"]["arguments"]}, ensure_ascii=False)
+                  for c in calls]
+        text = "\n".join(f"<tool_call>\n{b}\n</tool_call>" for b in blocks)
+        content = m.get("content") or ""
+        out.append({k: v for k, v in m.items() if k != "tool_calls"} |
+                   {"content": f"{content}\n{text}" if content else text})
+    return out
+
+
 def _normal_call(call):
     fn = call["function"]
     args = fn.get("arguments")

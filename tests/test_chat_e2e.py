@@ -262,3 +262,20 @@ def test_probe_chat_with_a_schema_and_streamed(chat_broker, tmp_path):
             assert out.returncode == 0 and "finish_reason:" in out.stdout, out.stderr
         finally:
             c.unregister("pr")
+
+
+def test_a_turn_after_a_tool_call_with_the_models_own_template(chat_broker):
+    """What OpenAI clients send after a call: the assistant's tool_calls with content null,
+    then the tool's result; SmolLM2's template knows no tools, so the calls become text."""
+    messages = [user("What is the weather in Paris?"),
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {
+                        "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"}]
+    with chat_broker.client() as c:
+        c.register("after", "smol", n_ctx=1024)
+        try:
+            r = c.chat("after", messages, tools=[WEATHER], max_tokens=24, temperature=0)
+            assert r["completion_tokens"] > 0 and r["prompt_tokens"] > 40
+        finally:
+            c.unregister("after")

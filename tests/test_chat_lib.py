@@ -130,3 +130,16 @@ def test_grammars_compile_against_the_real_vocab_and_bad_ones_name_the_field(smo
         assert info.value.field == "response_format.json_schema"
     finally:
         llama_cpp.llama_model_free(model)
+
+
+def test_tool_calls_become_text_for_templates_without_tools():
+    msgs = chat.normalize_messages([
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function",
+             "function": {"name": "w", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}])
+    out = chat.calls_as_text(msgs)
+    assert out[1] == {"role": "assistant", "content":
+                      '<tool_call>\n{"name": "w", "arguments": {"city": "Paris"}}\n</tool_call>'}
+    assert out[0] == msgs[0] and out[2] == msgs[2]

@@ -35,12 +35,16 @@ def build(model, slot, job):
     grammar. A Prompt, or the error reply."""
     template = _template(model, job)
     tools_on = bool(job.tools) and job.tool_choice != "none"
-    messages, tools = list(job.messages), None
+    # as templates expect them: content a string (OpenAI clients send null beside
+    # tool_calls), arguments objects
+    messages, tools = chat.normalize_messages(job.messages), None
     try:
-        if tools_on and chat.template_uses_tools(template):
-            tools = job.tools
-        elif tools_on:
-            messages = chat.with_tools_prompt(messages, job.tools)
+        if chat.template_uses_tools(template):
+            tools = job.tools if tools_on else None
+        else:
+            messages = chat.calls_as_text(messages)
+            if tools_on:
+                messages = chat.with_tools_prompt(messages, job.tools)
     except (chat.TemplateError, chat.BadField) as err:
         raise bad(err, "tools") from None
     grammar = _grammar(model, job, tools_on)
