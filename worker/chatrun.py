@@ -20,6 +20,7 @@ from lmx.common import chat
 from lmx.common.jobs import ChatResult, Sampling
 from lmx.worker import chatprompt
 from lmx.worker import grammar as gram
+from lmx.worker.decode import run_stats
 from lmx.worker.sampling import Chain, pick_seed
 
 FINISH = {"cancel": "cancelled", "deadline": "deadline"}
@@ -117,22 +118,11 @@ class ChatRun:
         return True
 
     def _result(self, content, calls, reason):
-        slot, t_end = self.slot, time.perf_counter()
-        slot.decodes += 1
-        slot.generated += len(self.out)
-        t_prompt = self.t_prompt or t_end
         return ChatResult(
             content=content, tool_calls=calls, finish_reason=reason,
             prompt_tokens=len(self.prompt_tokens), completion_tokens=len(self.out),
-            cached_tokens=self.cached, truncated_tokens=self.truncated,
-            elapsed_ms=round((t_end - self.t0) * 1000, 2),
-            swap_ms=round((self.t_live - self.t0) * 1000, 2),
-            prompt_ms=round((t_prompt - self.t_live) * 1000, 2),
-            gen_ms=round((t_end - t_prompt) * 1000, 2),
-            ttft_ms=round((self.t_first - self.t0) * 1000, 2) if self.t_first else None,
-            kv_swap_restored=self.restored, batch=len(slot.group.members),
-            n_past=slot.n_past + len(slot.pending), seed=self.chain.seed,
-            context_measured=slot.group.measured if self.built else None)
+            cached_tokens=self.cached, truncated_tokens=self.truncated, seed=self.chain.seed,
+            **run_stats(self, self.t_first))
 
     def close(self):
         """Free the sampler chain (every way a run ends comes here; idempotent)."""

@@ -19,6 +19,22 @@ from lmx.common.jobs import DecodeResult
 from lmx.worker.model import Emitter
 
 
+def run_stats(run, t_first):
+    """The RunStats fields of a finished DECODE or CHAT (and its slot's counters, bumped)."""
+    slot, t_end = run.slot, time.perf_counter()
+    slot.decodes += 1
+    slot.generated += len(run.out)
+    t_prompt = run.t_prompt or t_end
+    return dict(elapsed_ms=round((t_end - run.t0) * 1000, 2),
+                swap_ms=round((run.t_live - run.t0) * 1000, 2),
+                prompt_ms=round((t_prompt - run.t_live) * 1000, 2),
+                gen_ms=round((t_end - t_prompt) * 1000, 2),
+                ttft_ms=round((t_first - run.t0) * 1000, 2) if t_first else None,
+                kv_swap_restored=run.restored, batch=len(slot.group.members),
+                n_past=slot.n_past + len(slot.pending),
+                context_measured=slot.group.measured if run.built else None)
+
+
 SAMPLER_THREADS = max(1, min(8, len(os.sched_getaffinity(0))))
 
 
@@ -247,21 +263,10 @@ class DecodeMixin:
         return True
 
     def _finish(self, run):
-        slot, t_end = run.slot, time.perf_counter()
-        slot.decodes += 1
-        slot.generated += len(run.out)
         first = run.emit.first
-        t_prompt = run.t_prompt or t_end
-        text = b"".join(slot.model.piece(t) for t in run.out)
+        text = b"".join(run.slot.model.piece(t) for t in run.out)
         run.result = DecodeResult(
             prompt_tokens=len(run.prompt_tokens), generated_tokens=len(run.out),
             stopped_on_eos=run.eos, stopped_by=run.stopped_by,
-            elapsed_ms=round((t_end - run.t0) * 1000, 2),
-            swap_ms=round((run.t_live - run.t0) * 1000, 2),
-            prompt_ms=round((t_prompt - run.t_live) * 1000, 2),
-            gen_ms=round((t_end - t_prompt) * 1000, 2),
-            ttft_ms=round((first[0] - run.t0) * 1000, 2) if first else None,
-            kv_swap_restored=run.restored, batch=len(slot.group.members),
-            n_past=slot.n_past + len(slot.pending),
             text=text.decode("utf-8", "replace"), tokens=list(run.out),
-            context_measured=slot.group.measured if run.built else None)
+            **run_stats(run, first[0] if first else None))
