@@ -39,7 +39,7 @@ class ClientGone(Exception):
     """The HTTP client disconnected before its reply was ready."""
 
 
-async def _disconnected(request):
+async def disconnected(request):
     """Return once the client has gone (the body is already read)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -133,18 +133,27 @@ class Gateway(CompletionsMixin):
     async def wait_reply(self, request, pending):
         """The next reply of pending, or ClientGone (the request CANCELled) if the HTTP
         client disconnects first."""
-        get = asyncio.ensure_future(self.link.next_reply(pending, self.cfg.request_timeout_s))
-        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+            return await self.watched(request, self.link.next_reply(
+                pending, self.cfg.request_timeout_s))
+        except BaseException:
+            self.link.cancel(pending)
+            raise
+
+    async def watched(self, request, coro):
+        """Await coro unless the HTTP client disconnects first (then it is cancelled, which
+        CANCELs its request at the broker, and ClientGone is raised)."""
+        work = asyncio.ensure_future(coro)
+        gone = asyncio.ensure_future(disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
-            if not get.done():
-                get.cancel()
-                self.link.cancel(pending)
-        if not get.done() or get.cancelled():
+            if not work.done():
+                work.cancel()
+        if work.cancelled():
             raise ClientGone()
-        return get.result()
+        return work.result()
 
     async def begin(self, request, agent, entry, verb, fields, renames=None):
         """Acquire the session, send the request, wait for its first reply (partial or

@@ -58,14 +58,7 @@ class CompletionsMixin:
         if opts["stream"]:
             return EventSourceResponse(run.events(rid, entry.alias, opts["include_usage"]),
                                        headers=headers, ping=PING_S)
-        text, finish, use, err = "", "stop", None, None
-        async for kind, value in run.pieces():
-            if kind == "text":
-                text += value
-            elif kind == "end":
-                finish, use = value
-            else:
-                err = value
+        text, finish, use, err = await self.watched(request, run.collect())
         if err is not None:
             raise errors.from_reply(err, self.cfg.retry_after_s)
         return JSONResponse(translate.text_completion(rid, entry.alias, int(time.time()),
@@ -116,6 +109,18 @@ class _TextRun:
             yield "end", (self._finish(reply, "".join(out)), self._usage(reply))
         finally:
             self.close()
+
+    async def collect(self):
+        """(text, finish_reason, usage, error reply or None) of the whole run."""
+        text, finish, use, err = "", "stop", None, None
+        async for kind, value in self.pieces():
+            if kind == "text":
+                text += value
+            elif kind == "end":
+                finish, use = value
+            else:
+                err = value
+        return text, finish, use, err
 
     def close(self):
         """CANCEL the DECODE if it still runs, release the session (once)."""

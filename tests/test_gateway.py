@@ -14,6 +14,7 @@ import pytest
 
 from conftest import BrokerProc, wait_until
 from lmx.gateway.launch import GatewayProc, free_port, toml_config
+from lmx.gateway.sessions import agent_id
 
 ALL_KEY, SMOL_KEY = "sk-test-every-model", "sk-test-smol-only"
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"},
@@ -23,6 +24,7 @@ WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                    "required": ["city"]}}}
+LONG = "Tell a long story about a lighthouse keeper."     # greedy SmolLM2: 400+ tokens
 FORCE_WEATHER = {"type": "function", "function": {"name": "get_weather"}}
 
 
@@ -272,7 +274,7 @@ def test_no_cors_headers_unless_configured(stack):
 
 def test_a_client_that_leaves_mid_stream_cancels_its_request(stack):
     body = {"model": "smol", "max_tokens": 900, "temperature": 0, "stream": True,
-            "messages": [user("Count from one to one thousand in words, one per line.")]}
+            "messages": [user(LONG)]}
     headers = {"Authorization": f"Bearer {ALL_KEY}", "X-Lmx-Session": "leaver"}
     with httpx.stream("POST", stack[1].url + "/v1/chat/completions", json=body,
                       headers=headers, timeout=60) as r:
@@ -284,7 +286,21 @@ def test_a_client_that_leaves_mid_stream_cancels_its_request(stack):
     wait_until(lambda: agents(stack[0])[agent]["queue_depth"] == 0, 20,
                what="the cancelled CHAT to end")
     assert agents(stack[0])[agent]["generated_tokens"] < 900
-    assert f"cancel request" in stack[1].read_log()
+    assert "cancel request" in stack[1].read_log()
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": [user(LONG)], "temperature": 0}),
+    ("/v1/completions", {"prompt": "One, two, three, four, five, six,"})])
+def test_a_client_that_gives_up_on_a_plain_request_cancels_it(stack, path, body):
+    headers = {"Authorization": f"Bearer {ALL_KEY}", "X-Lmx-Session": "quitter"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(stack[1].url + path, json=dict(body, model="smol", max_tokens=900),
+                   headers=headers, timeout=httpx.Timeout(30, read=1.0))
+    agent = agent_id("gw", "all", "smol", "c" if "chat" in path else "t", "h:quitter")
+    wait_until(lambda: agents(stack[0])[agent]["queue_depth"] == 0, 20,
+               what="the abandoned request to end")
+    assert 0 < agents(stack[0])[agent]["generated_tokens"] < 900
 
 
 @pytest.fixture(scope="module")
