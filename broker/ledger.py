@@ -106,6 +106,18 @@ class Ledger:
             self._bookings[key] = nbytes
         return denial
 
+    def try_apply(self, changes):
+        """Set every {key: bytes} (booking or resizing it) in one step if the net growth
+        fits (a net shrink always does); return None on success or a Denial."""
+        if any(v < 0 for v in changes.values()):
+            raise ValueError(f"cannot book negative bytes ({changes})")
+        grow = sum(v - self._bookings.get(k, 0) for k, v in changes.items())
+        denial = self._check(grow) if grow > 0 else None
+        if denial is None:
+            self._bookings.update(changes)
+            self._allocated += grow
+        return denial
+
     def _check(self, nbytes):
         if self.total_bytes is None:
             return Denial(Reason.NO_DEVICE_TOTAL, 0, self._allocated, nbytes)

@@ -92,8 +92,9 @@ def _private_worker_endpoint():
               "used first, when another must run); 0: as many as the ledger allows.")
 @click.option("--admit-by-parking", is_flag=True, help="A REGISTER that does not fit parks "
               "idle agents (least recently used first) to make room, instead of being refused.")
-@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 64),
-              help="Agents of one model and context spec decoded in one llama_decode batch.")
+@click.option("--max-batch", default=64, show_default=True, type=click.IntRange(1, 256),
+              help="Most seats of a group context: agents of one model and context spec live "
+              "in it and decode in one llama_decode batch (256 is llama.cpp's sequence limit).")
 @click.option("--park-ram", callback=_size, default="4GiB", show_default=True,
               help="Host memory for parked KV state (the broker's budget: it counts every "
               "parked byte); past it, parked state goes to files in STATE_DIR/parked.")

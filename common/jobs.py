@@ -25,6 +25,7 @@ class RegisterJob(Record):
     path: str
     spec: dict
     resume: bool = False
+    seat: Optional[dict] = None       # the broker's placement: {"group", "capacity"}
 
 
 @dataclass
@@ -37,14 +38,26 @@ class UnregisterJob(Record):
 
 @dataclass
 class ParkJob(Record):
-    """Save the agent's sequence and free it. The broker's policy travels with the job: at
-    most ram_bytes of host memory for this state, else a file if disk is true, else refuse
-    (LIMIT / PARK_BUDGET) and stay live."""
+    """Save the agent's sequence and free its seat. The broker's policy travels with the job:
+    at most ram_bytes of host memory for this state, else a file if disk is true, else refuse
+    (LIMIT / PARK_BUDGET) and stay live; shrink: then resize its group to that many seats (0
+    frees the context), None keeps the free seat."""
 
     VERB: ClassVar[str] = "PARK"
     agent: str
     ram_bytes: int
     disk: bool
+    shrink: Optional[int] = None
+
+
+@dataclass
+class ResizeJob(Record):
+    """Shrink a group's context to capacity seats (0 frees it): the broker needs the bytes
+    of its free seats. Members keep their sequences."""
+
+    VERB: ClassVar[str] = "RESIZE"
+    group: int
+    capacity: int
 
 
 @dataclass
@@ -58,6 +71,7 @@ class DecodeJob(Record):
     max_prompt_tokens: Optional[int] = None
     stream: bool = False
     deadline_ms: Optional[int] = None
+    seat: Optional[dict] = None       # where to seat a parked agent: {"group", "capacity"}
 
 
 @dataclass
@@ -101,6 +115,7 @@ class ChatJob(Record):
     stream: bool = False
     deadline_ms: Optional[int] = None
     max_prompt_tokens: Optional[int] = None
+    seat: Optional[dict] = None       # where to seat a parked agent: {"group", "capacity"}
 
 
 @dataclass
@@ -111,8 +126,8 @@ class CancelJob(Record):
     job: int
 
 
-JOB_TYPES = {cls.VERB: cls for cls in (RegisterJob, UnregisterJob, ParkJob, DecodeJob,
-                                       ChatJob, CancelJob)}
+JOB_TYPES = {cls.VERB: cls for cls in (RegisterJob, UnregisterJob, ParkJob, ResizeJob,
+                                       DecodeJob, ChatJob, CancelJob)}
 
 
 # -- readings ------------------------------------------------------------------------------
@@ -152,7 +167,7 @@ class SlotState(Record):
     parked: Optional[str] = None    # "ram", "disk", or None (live, or nothing to keep)
     parked_bytes: int = 0
     parked_pinned: bool = False
-    batch: int = 0              # agents in its group while live
+    batch: int = 0              # agents seated in its group while live
     parks: int = 0
     decodes: int = 0
     generated: int = 0
@@ -167,18 +182,6 @@ class ModelState(Record):
 
 
 @dataclass
-class EngineSummary(Record):
-    """The worker's engine after a job: what STATUS and LIST show of the worker."""
-
-    live_agents: List[str] = field(default_factory=list)
-    groups: List[int] = field(default_factory=list)     # members per shared context
-    known_device_bytes: int = 0       # llama.cpp's device buffers: models, contexts
-    process_bytes: Optional[int] = None
-    parked_ram_bytes: int = 0
-    models: Dict[str, ModelState] = field(default_factory=dict)
-
-
-@dataclass
 class Measured(Record):
     """What llama.cpp really allocated for a model or a context."""
 
@@ -190,6 +193,33 @@ class Measured(Record):
     def nbytes(self):
         """The larger of llama.cpp's buffer report and NVML's change of the process."""
         return max(self.device_bytes or 0, self.nvml_delta or 0)
+
+
+@dataclass
+class GroupState(Record):
+    """One group's context: its seats, how many are taken, how often it was built, and what
+    its last build measured."""
+
+    group: int
+    model: str = ""
+    seats: int = 0
+    used: int = 0
+    builds: int = 0
+    measured: Optional[Measured] = None
+
+
+@dataclass
+class EngineSummary(Record):
+    """The worker's engine after a job: what STATUS and LIST show of the worker."""
+
+    live_agents: List[str] = field(default_factory=list)
+    groups: List[int] = field(default_factory=list)     # members per shared context
+    known_device_bytes: int = 0       # llama.cpp's device buffers: models, contexts
+    process_bytes: Optional[int] = None
+    parked_ram_bytes: int = 0
+    models: Dict[str, ModelState] = field(default_factory=dict)
+    seats: List[GroupState] = field(default_factory=list)
+    context_builds: int = 0           # every context the worker built since it started
 
 
 # -- results (worker -> broker), per job verb ------------------------------------------------
@@ -217,6 +247,11 @@ class ParkResult(Record):
 
 
 @dataclass
+class ResizeResult(Record):
+    seats: int = 0                    # the group's seats now (0: freed)
+
+
+@dataclass
 class RunStats(Record):
     """What every DECODE and CHAT result says of its run: timings, swap, batch, length."""
 
@@ -226,9 +261,8 @@ class RunStats(Record):
     gen_ms: float = 0.0
     ttft_ms: Optional[float] = None
     kv_swap_restored: bool = False
-    batch: int = 0
+    batch: int = 0                    # the most agents in one of its llama_decode steps
     n_past: int = 0
-    context_measured: Optional[Measured] = None   # the context was built for it alone
 
 
 @dataclass
@@ -257,7 +291,7 @@ class ChatResult(RunStats):
 
 
 RESULT_TYPES = {"REGISTER": RegisterResult, "UNREGISTER": UnregisterResult,
-                "PARK": ParkResult, "DECODE": DecodeResult, "CHAT": ChatResult}
+                "PARK": ParkResult, "RESIZE": ResizeResult, "DECODE": DecodeResult, "CHAT": ChatResult}
 
 
 @dataclass

@@ -93,19 +93,22 @@ CLIENT_VERBS = {
 # Broker -> worker jobs.
 WORKER_JOBS = {
     "REGISTER": {"agent": Field(str), "path": Field(str), "spec": Field(dict),
-                 "resume": Field(bool, False)},
+                 "resume": Field(bool, False), "seat": Field(dict, False)},
     "UNREGISTER": {"agent": Field(str)},
-    "PARK": {"agent": Field(str), "ram_bytes": Field(int), "disk": Field(bool)},              # save its sequence to host memory or disk
+    # save its sequence to host memory or disk, free its seat (shrink: then resize the group)
+    "PARK": {"agent": Field(str), "ram_bytes": Field(int), "disk": Field(bool),
+             "shrink": Field(int, False)},
+    "RESIZE": {"group": Field(int), "capacity": Field(int)},   # reclaim a group's free seats
     "DECODE": {"agent": Field(str), "prompt": Field(str), "n_predict": Field(int),
                "max_prompt_tokens": Field(int, False), "stream": Field(bool, False),
-               "deadline_ms": Field(int, False)},
+               "deadline_ms": Field(int, False), "seat": Field(dict, False)},
     "CHAT": {"agent": Field(str), "messages": Field(list), "max_tokens": Field(int),
              "sampling": Field(dict, False), "stop": Field(list, False),
              "response_format": Field(dict, False), "grammar": Field(str, False),
              "tools": Field(list, False), "tool_choice": Field((str, dict), False),
              "template": Field(str, False), "truncate": Field(str, False),
              "stream": Field(bool, False), "deadline_ms": Field(int, False),
-             "max_prompt_tokens": Field(int, False)},
+             "max_prompt_tokens": Field(int, False), "seat": Field(dict, False)},
     "CANCEL": {"job": Field(int)},             # out of band: stop that job at its next token
     "HEARTBEAT": {},
     "SHUTDOWN": {},

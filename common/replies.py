@@ -171,6 +171,21 @@ class ModelRecord(Record):
 
 
 @dataclass
+class GroupRecord(Record):
+    """One group context as STATUS shows it: its model, seats, seats used, how often the
+    worker built it, and what the ledger books for it (compute and free seats)."""
+
+    group: int
+    model: str
+    seats: int
+    seats_used: int
+    rebuilds: int               # builds after the first (each a change of capacity)
+    seat_bytes: int
+    booked_bytes: int
+    members: List[str] = field(default_factory=list)
+
+
+@dataclass
 class StatusReply(Record):
     version: str
     protocol: List[int]
@@ -203,6 +218,8 @@ class StatusReply(Record):
     agents: int
     queue_depth: int
     inflight: int
+    groups: List[GroupRecord] = field(default_factory=list)
+    context_builds: int = 0     # contexts the broker's workers built, since it started
 
 
 @dataclass

@@ -6,8 +6,9 @@ from lmx.broker.core import BrokerConfig, Core
 from lmx.broker.core.events import (ClientRequest, Reply, SendJob, Tick, WorkerReady,
                                     WorkerResult)
 from lmx.common.errors import Code, LmxError, Reason
-from lmx.common.jobs import (ChatResult, DecodeResult, DeviceReading, EngineSummary, ParkResult,
-                             RegisterResult, Result, SlotState, UnregisterResult)
+from lmx.common.jobs import (ChatResult, DecodeResult, DeviceReading, EngineSummary, GroupState,
+                             ParkResult, RegisterResult, ResizeResult, Result, SlotState,
+                             UnregisterResult)
 
 MiB = 1 << 20
 WEIGHTS = {"small": 100 * MiB, "big": 300 * MiB}
@@ -58,21 +59,60 @@ class FakeWorker:
     def __init__(self):
         self.slots = {}           # agent -> SlotState
         self.pending = []         # SendJob actions not answered yet
+        self.groups = {}          # gid -> [path, capacity, set of agents], as the engine seats
+        self.builds = 0
+
+    def summary(self):
+        return EngineSummary(seats=[GroupState(gid, path, cap, len(members), 1)
+                                    for gid, (path, cap, members) in self.groups.items()],
+                             context_builds=self.builds)
+
+    def _seat(self, agent, path, seat):
+        if seat is None:
+            return
+        group = self.groups.setdefault(seat["group"], [path, 0, set()])
+        if len(group[2]) == group[1]:
+            assert seat["capacity"] > group[1], f"no free seat for {agent}: {seat}"
+            group[1] = seat["capacity"]
+            self.builds += 1
+        group[2].add(agent)
+
+    def _unseat(self, agent, shrink=None):
+        for gid, group in list(self.groups.items()):
+            if agent in group[2]:
+                group[2].discard(agent)
+                if shrink is not None:
+                    group[1] = shrink
+                    self.builds += bool(shrink)
+                    if not shrink:
+                        del self.groups[gid]
 
     def answer(self, job, fail=None):
         f, verb = job.fields, job.verb
         slot = self.slots.get(f.get("agent"))
         if fail is not None:
-            return Result("error", slot, EngineSummary(), dict(code=fail, reason="",
-                                                                message="injected"))
+            return Result("error", slot, self.summary(), dict(code=fail, reason="",
+                                                               message="injected"))
         if verb == "REGISTER":
             self.slots[f["agent"]] = SlotState(f["agent"], f["path"])
+            self._seat(f["agent"], f["path"], f.get("seat"))
             return self._ok(f["agent"], RegisterResult(model_loaded=True, model_refs=1))
         if verb == "UNREGISTER":
-            self.slots.pop(f["agent"], None)
+            gone = self.slots.pop(f["agent"], None)
+            self._unseat(f["agent"])
+            if gone is not None and not any(s.model == gone.model for s in self.slots.values()):
+                self.groups = {g: v for g, v in self.groups.items() if v[0] != gone.model}
             return self._ok(f["agent"], UnregisterResult(model_freed=False))
+        if verb == "RESIZE":
+            group = self.groups.get(f["group"])
+            if group is not None:
+                group[1] = f["capacity"]
+                if not f["capacity"]:
+                    del self.groups[f["group"]]
+            return self._ok(None, ResizeResult(f["capacity"]))
         if verb == "PARK":
             return self._park(slot, f)
+        self._seat(f["agent"], slot.model, f.get("seat"))
         if verb == "CHAT":
             slot.live, slot.parked, slot.parked_bytes = True, None, 0
             slot.n_past += f["max_tokens"] + 5
@@ -91,13 +131,14 @@ class FakeWorker:
         if size and size > f["ram_bytes"] and not f["disk"]:
             err = LmxError(Code.LIMIT, "no room", Reason.PARK_BUDGET, needed=size).fields()
             err.pop("status")
-            return Result("error", slot, EngineSummary(), err)
+            return Result("error", slot, self.summary(), err)
         where = None if not size else "ram" if size <= f["ram_bytes"] else "disk"
         slot.live, slot.parked, slot.parked_bytes = False, where, size
+        self._unseat(slot.agent, f.get("shrink"))
         return self._ok(slot.agent, ParkResult(where, size))
 
     def _ok(self, agent, out):
-        return Result("ok", self.slots.get(agent), EngineSummary(), out=out.to_wire())
+        return Result("ok", self.slots.get(agent), self.summary(), out=out.to_wire())
 
 
 class Harness:

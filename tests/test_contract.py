@@ -115,9 +115,9 @@ def test_a_refused_park_under_concurrent_decodes_never_overbooks(tmp_path_factor
     """PARKs that must fail (no state directory to spill to, 1 KiB of host budget) while
     other clients decode: after every reply, allocated <= max; the parked agent's DECODE is
     told why there is no room."""
-    context = estimate("smol", ContextSpec(n_ctx=N_CTX, n_gpu_layers=0),
-                       load_model_table(table)).context
-    total = (256 << 20) + int(2.6 * context)
+    est = estimate("smol", ContextSpec(n_ctx=N_CTX, n_gpu_layers=0), load_model_table(table))
+    kv = est.estimated["kv"]               # weights, one group's compute and two seats fit
+    total = (256 << 20) + int((est.context - kv) * 1.1 + 2.5 * kv)
     broker = BrokerProc(tmp_path_factory.mktemp("overcommit"), [
         "--vram-table", str(table), "--vram-total", str(total), "--admission-percent", "100",
         "--admit-by-parking", "--no-park-to-disk", "--park-ram", "1KiB",

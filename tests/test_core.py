@@ -108,10 +108,10 @@ def test_parking_is_confirmed_before_the_freed_bytes_are_booked_again():
     assert [j.verb for j in h.jobs()] == ["REGISTER"]
     h.run_jobs()
     assert h.final(reg)["status"] == "ok" and h.final(reg)["kv_swap_parked"] == ["a"]
-    dec = h.send("DECODE", agent="a", prompt="more", n_predict=2)   # a is parked: park c
-    assert [j.verb for j in h.jobs()] == ["PARK"] and h.jobs()[0].fields["agent"] == "c"
-    h.run_jobs()                                            # (never used: least recently)
-    assert h.final(dec)["kv_swap_evicted"] == "c" and h.final(dec)["kv_swap_parked"] == ["c"]
+    dec = h.send("DECODE", agent="a", prompt="more", n_predict=2)   # a is parked: park b
+    assert [j.verb for j in h.jobs()] == ["PARK"] and h.jobs()[0].fields["agent"] == "b"
+    h.run_jobs()                        # (used before c registered: least recently)
+    assert h.final(dec)["kv_swap_evicted"] == "b" and h.final(dec)["kv_swap_parked"] == ["b"]
     assert all(alloc <= cap for alloc, cap in h.ledger_trace)
 
 
@@ -144,18 +144,19 @@ def test_park_budget_is_the_brokers_the_worker_gets_the_room_left():
     assert h.jobs("PARK")[0].fields["ram_bytes"] == 10_000 - h.core.agents["a"].parked_bytes
 
 
-def test_worker_lost_fails_everything_held_and_keeps_the_bookings():
+def test_worker_lost_fails_everything_held_keeps_the_weights_and_frees_the_seats():
     h = Harness()
     h.send("REGISTER", agent="a", model="small")
     h.run_jobs()
     running = h.send("DECODE", agent="a", prompt="x", n_predict=50)
     queued = h.send("DECODE", agent="a", prompt="y", n_predict=5)
-    booked = h.core.ledger.allocated_bytes
     actions = h.core.handle(WorkerLost("exited", h.now))
     assert any(isinstance(a, SpawnWorker) for a in actions)
     h.worker.pending.clear()
+    h.worker.groups.clear()
     codes = [a.fields["code"] for a in actions if hasattr(a, "fields") and a.fields]
-    assert codes.count(Code.WORKER_LOST) == 2 and h.core.ledger.allocated_bytes == booked
+    assert codes.count(Code.WORKER_LOST) == 2
+    assert h.core.ledger.allocated_bytes == WEIGHTS["small"] and not h.core.groups
     assert (running, queued) and h.core.agents["a"].state == "restoring"
     h.feed(WorkerReady(2, DeviceReading("cpu", "declared", "cpu", 1000 * MiB), h.now))
     assert [(j.verb, j.fields["resume"]) for j in h.jobs()] == [("REGISTER", True)]
@@ -175,9 +176,9 @@ def test_a_silent_worker_is_killed_after_liveness_intervals():
 def test_no_overhead_is_booked_on_a_cpu_worker_whatever_its_readings():
     h = Harness()
     h.send("REGISTER", agent="a", model="small")
-    job = h.jobs()[0]
+    job = h.worker.pending.pop(0)
     result = h.worker.answer(job)
-    result.engine = EngineSummary(known_device_bytes=5 * MiB, process_bytes=0)
+    result.engine.known_device_bytes, result.engine.process_bytes = 5 * MiB, 0
     h.feed(__import__("lmx.broker.core.events", fromlist=["WorkerResult"])
            .WorkerResult(job.job_id, result, h.now, h.now))
     h.send("UNREGISTER", agent="a")
@@ -218,12 +219,17 @@ def test_random_traffic_never_overbooks(ops, by_parking, park_ram, max_live):
         elif op == "lost":
             h.feed(WorkerLost("exited", h.now))
             h.worker.pending.clear()
+            h.worker.groups.clear()                  # its contexts died with it
             h.feed(WorkerReady(9, DeviceReading("cpu", "declared", "cpu",
                                                 h.core.ledger.total_bytes), h.now))
         _check_invariants(h)
     h.run_jobs()
     _check_invariants(h)
     assert not h.core.jobs and not h.core.room, "work left behind after every job answered"
+    if not any(op == "fail" for op, _, _ in ops):
+        # the broker's seats are the worker's: every group's capacity and members
+        assert {g.gid: (g.capacity, g.members) for g in h.core.groups.values()} == {
+            gid: (cap, members) for gid, (_, cap, members) in h.worker.groups.items()}
 
 
 def _check_invariants(h):
@@ -237,8 +243,17 @@ def _check_invariants(h):
             assert name in core.agents and core.agents[name].live, key
         elif kind == "model":
             assert core.models[name].agents, key
+        elif kind == "group":
+            group = core.groups[int(name)]
+            assert led.snapshot()["bookings"][key] == group.booking() and group.capacity > 0
     for rec in core.agents.values():
         assert rec.live == (led.booked(f"agent:{rec.name}") is not None)
+        assert rec.live == (rec.gid is not None)
+        if rec.live:
+            assert rec.name in core.groups[rec.gid].members
+    for group in core.groups.values():
+        assert len(group.members) <= group.capacity
+        assert all(core.agents[n].gid == group.gid for n in group.members)
 
 
 def test_while_one_waits_for_room_a_live_agents_decode_waits_behind_it():
@@ -283,7 +298,10 @@ def test_a_journal_replay_books_again_and_remembers_what_it_cannot():
     jobs = [a for a in actions if type(a).__name__ == "SendJob"]
     assert [(j.verb, j.fields["agent"], j.fields["resume"]) for j in jobs] == [
         ("REGISTER", "a", True)]
-    assert core.ledger.booked("agent:a") == CONTEXT and "gone" in core.lost
+    # the weights are booked again; its seat only when it runs (not live until then)
+    assert core.ledger.booked("model:/models/small.gguf") == WEIGHTS["small"]
+    assert core.ledger.booked("agent:a") is None and not core.agents["a"].live
+    assert "gone" in core.lost
     assert "gone" not in journal.agents
 
 

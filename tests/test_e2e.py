@@ -69,8 +69,12 @@ def test_the_walk(broker_factory, table):
         assert listed["smol"]["decodes"] == 2 and listed["gemma"]["parked_bytes"] > 0
         assert listed["gemma"]["residence"] == "parked_ram" and not listed["gemma"]["live"]
         assert [a for a, v in listed.items() if v["live"]] == ["smol-fresh"]
-        assert set(status["bookings"]) - {"worker:overhead"} == {"agent:smol-fresh"} | {
+        assert {k for k in status["bookings"] if not k.startswith("group:")} - {
+            "worker:overhead"} == {"agent:smol-fresh"} | {
             f"model:{m['path']}" for m in status["models"]}
+        # a group keeps its free seats (compute + KV) until the room is needed
+        assert {k for k in status["bookings"] if k.startswith("group:")} == {
+            f"group:{g['group']}" for g in status["groups"]}
         released = {a: c.unregister(a)["released_bytes"] for a in (
             "smol", "gemma", "smol-ref", "smol-fresh")}
         assert released["smol"] == 0 and released["smol-ref"] == 0     # parked: nothing booked
@@ -139,12 +143,12 @@ def _smol():
 
 
 def test_fifty_concurrent_registers_never_overcommit(broker_factory, table, smol_path):
-    # 2 GiB x 90 %: room for SmolLM2's weights (256 MiB, from the table) and a few contexts.
+    # 2 GiB x 90 %: room for SmolLM2's weights (256 MiB, from the table), one group's compute
+    # buffer and some seats (KV); every REGISTER seats its agent at once.
     broker = broker_factory("--vram-table", str(table), "--vram-total", "2GiB")
-    context = estimate("smol", ContextSpec(n_ctx=2048, n_gpu_layers=0),
-                       load_model_table(table), "cpu").context
-    cap = (2 << 30) * 90 // 100
-    fit = (cap - (256 << 20)) // context
+    est = estimate("smol", ContextSpec(n_ctx=2048, n_gpu_layers=0), load_model_table(table),
+                   "cpu")
+    kv = est.estimated["kv"]
     replies, stop = [], threading.Event()
     violations = []
 
@@ -173,20 +177,25 @@ def test_fifty_concurrent_registers_never_overcommit(broker_factory, table, smol
     assert len(replies) == 50
     ok = [r for r in replies if r["status"] == "ok"]
     denied = [r for r in replies if r["status"] == "error"]
-    assert 1 < fit < 50 and len(ok) == fit
+    assert 1 < len(ok) < 50
     for r in replies:
         assert r["ledger_allocated_bytes"] <= r["ledger_max_bytes"]
+    for r in ok:
+        assert r["booked_bytes"] == kv                  # a seat: the agent's KV
     for r in denied:
         assert (r["code"], r["reason"]) == ("VRAM_LEDGER_DENY", "CAP")
-        assert r["requested_bytes"] == context          # the weights are already booked
+        assert r["requested_bytes"] == kv               # one more seat; weights are booked
         assert r["ledger_allocated_bytes"] + r["requested_bytes"] > r["ledger_max_bytes"]
     status = broker.status()
     with broker.client() as c:
         listed = c.list_agents()
     model = status["models"][0]
-    assert model["booked_bytes"] == 256 << 20 and model["worker_refs"] == fit
-    assert status["ledger_allocated_bytes"] == model["booked_bytes"] + \
-        sum(a["booked_bytes"] for a in listed) == (256 << 20) + fit * context
+    assert model["booked_bytes"] == 256 << 20 and model["worker_refs"] == len(ok)
+    (group,) = status["groups"]                         # one context holds them all
+    assert group["seats_used"] == len(ok) <= group["seats"]
+    assert group["rebuilds"] <= len(ok).bit_length() + 1    # grown geometrically
+    assert status["ledger_allocated_bytes"] == model["booked_bytes"] + group["booked_bytes"] + \
+        sum(a["booked_bytes"] for a in listed)
     with broker.client() as c:
         for a in listed:
             c.unregister(a["agent"])

@@ -43,7 +43,7 @@ def test_swap_and_restore_is_exact(engine, smol_path, gemma_path):
     try:
         first = engine.decode("s", "Hello, my name is", 16)
         assert isinstance(first, DecodeResult) and not first.kv_swap_restored
-        assert first.context_measured.device_bytes > 0     # built for s alone
+        assert engine.summary().seats[0].measured.device_bytes > 0     # s's group, built
         assert engine.slot_state("s").n_past == first.n_past and engine.slot_state("s").live
         assert engine.park("s", BIG, False) == ParkResult("ram", engine.slots["s"].parked_bytes)
         state = engine.slot_state("s")
@@ -71,7 +71,7 @@ def test_swap_and_restore_is_exact(engine, smol_path, gemma_path):
     finally:
         for agent in ("s", "g", "ref"):
             engine.unregister(agent)
-    assert engine.parked_ram == 0 and engine.groups == []
+    assert engine.parked_ram == 0 and engine.groups == []     # models freed, their groups too
 
 
 def test_context_full_is_refused_before_any_work(engine, smol_path):
@@ -117,7 +117,7 @@ def test_batched_agents_match_solo_and_park_to_ram_or_disk(smol_path, tmp_path):
         first = _run_together(eng, agents, PROMPTS, 16)
         assert eng.summary().groups == [4]
         assert all(r.batch == 4 for r in first.values())
-        assert all(r.context_measured is None for r in first.values())   # a shared context
+        assert eng.summary().context_builds == 3      # seats grow 1 -> 2 -> 4, then free
         where = [eng.park("a1", BIG, True).parked, eng.park("a2", 0, True).parked,
                  eng.park("a3", 0, True).parked]
         assert where == ["ram", "disk", "disk"]
@@ -261,11 +261,13 @@ def test_a_context_that_cannot_be_built_keeps_parked_state(smol_path, monkeypatc
     from lmx.worker.engine import Engine
     eng = Engine(2, gpu=False, pinned=False)
     try:
-        for name in ("a", "b", "p", "ref"):
+        for name in ("a", "b", "p", "c", "d", "ref"):
             eng.register(name, smol_path, ContextSpec(n_ctx=512, n_batch=256 if name == "ref"
                                                       else 512))
         _run_together(eng, ["a", "b", "p"], PROMPTS[:3], 6)
         eng.park("p", BIG, False)
+        eng.make_live([eng.slots["c"], eng.slots["d"]])    # every seat of 4 taken: p's
+        assert eng.summary().seats[0].used == 4            # rejoin must grow the context
         kept = (eng.slots["p"].n_past, list(eng.slots["p"].pending), eng.parked_ram)
         real = llama_cpp.llama_init_from_model
         monkeypatch.setattr(llama_cpp, "llama_init_from_model", lambda *a: None)

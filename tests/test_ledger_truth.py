@@ -27,28 +27,28 @@ def test_bookings_are_reconciled_to_measured_and_remembered(broker_factory, tmp_
         assert model["measured_bytes"] > 0 and model["estimated_bytes"] > 0
         assert model["booked_bytes"] == model["measured_bytes"] + max(
             model["measured_bytes"] * 5 // 100, 1 << 20)
-        before = agent_row(c, "g")
-        assert before["measured_bytes"] is None          # no context built yet
-        c.decode("g", "Hello", 2)
-        after = agent_row(c, "g")
-        assert after["measured_bytes"] > 0
-        assert after["booked_bytes"] == after["measured_bytes"] + max(
-            after["measured_bytes"] * 5 // 100, 1 << 20)
-        # The estimate was within 15 % of what llama.cpp allocated for the context.
-        assert 0 <= after["estimated_bytes"] - after["measured_bytes"] <= \
-            0.15 * after["measured_bytes"]
+        # REGISTER seated g: its group's context (one seat) was built and measured.
+        row = agent_row(c, "g")
         s = c.request("STATUS")
+        (group,) = s["groups"]
+        measured = row["measured_bytes"]
+        assert measured > 0 and row["booked_bytes"] == group["seat_bytes"]   # the seat: KV
+        compute = measured - row["booked_bytes"]     # the rest of the context: compute
+        assert group["booked_bytes"] == compute + max(compute * 5 // 100, 1 << 20)
+        # The estimate was within 15 % of what llama.cpp allocated for the context.
+        assert 0 <= row["estimated_bytes"] - measured <= 0.15 * measured
         assert s["ledger_allocated_bytes"] == sum(s["bookings"].values()) == \
-            model["booked_bytes"] + after["booked_bytes"]
-        # Same file, same parameters: the next agent books the measured context at once.
+            model["booked_bytes"] + group["booked_bytes"] + row["booked_bytes"]
+        # Same file, same parameters: the next agent's estimate is the measured context.
         again = c.register("g2", gemma_path, n_ctx=4096)
         assert again["estimate_source"] == "measured"
-        assert again["booked_bytes"] == after["booked_bytes"]
+        assert again["booked_bytes"] == row["booked_bytes"]     # a seat, in the same group
+        assert c.request("STATUS")["groups"][0]["seats_used"] == 2
         other = c.register("g3", gemma_path, n_ctx=8192)
         assert other["estimate_source"] == "estimator"
     broker.stop()
     cache = json.loads((state / "measured.json").read_text())
-    assert len(cache) == 2 and all(v > 0 for v in cache.values())
+    assert len(cache) == 3 and all(v > 0 for v in cache.values())   # weights, two contexts
     # A new broker books the remembered weights too.
     again = broker_factory(*args, name="b2")
     with again.client() as c:

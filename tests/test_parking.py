@@ -1,5 +1,6 @@
-"""The ledger books live contexts only: parked agents release theirs, a small host budget
-spills parked state to disk, and every parked conversation continues exactly."""
+"""The ledger books live agents' seats only: a parked agent's seat is taken over by the agent
+that needed it, a small host budget spills parked state to disk, and every parked conversation
+continues exactly."""
 import pytest
 
 from lmx.broker.estimate import estimate
@@ -13,11 +14,12 @@ N_CTX = 512
 
 @pytest.fixture(scope="module")
 def room_for_two(tmp_path_factory, table):
-    """A broker whose device holds SmolLM2's weights and two of its contexts, not three."""
+    """A broker whose device holds SmolLM2's weights, one group's compute and two seats (KV),
+    not three."""
     from conftest import BrokerProc
-    context = estimate("smol", ContextSpec(n_ctx=N_CTX, n_gpu_layers=0),
-                       load_model_table(table)).context
-    total = (256 << 20) + int(2.6 * context)
+    est = estimate("smol", ContextSpec(n_ctx=N_CTX, n_gpu_layers=0), load_model_table(table))
+    kv = est.estimated["kv"]
+    total = (256 << 20) + int((est.context - kv) * 1.1 + 2.5 * kv)
     b = BrokerProc(tmp_path_factory.mktemp("parking"), [
         "--vram-table", str(table), "--vram-total", str(total), "--admission-percent", "100",
         "--admit-by-parking", "--park-ram", "600KiB", "--default-n-ctx", str(N_CTX)])

@@ -37,7 +37,9 @@ def test_parked_state_on_disk_survives_a_worker_kill(broker_factory, table):
                    timeout=60, what="a new worker")
         ready(c, 2)
         after = c.request("STATUS")
-        assert after["bookings"] == before["bookings"]              # bookings exact
+        # the weights stay booked; seats are booked again as agents run
+        assert after["bookings"] == {k: v for k, v in before["bookings"].items()
+                                     if k.startswith(("model:", "worker:"))}
         resumed = c.decode("parked", "The weather today is", 12)
         assert resumed["context_reset"] is False and resumed["kv_swap_restored"] is True
         reset = c.decode("live", "and", 4)
@@ -65,8 +67,8 @@ def test_registrations_survive_a_broker_kill(tmp_path, table):
             agents = {a["agent"]: a for a in ready(c, 2)}
             assert agents["b"]["n_ctx"] == 1024 and agents["a"]["model"] == "smol"
             status = c.request("STATUS")
-            assert {k: v for k, v in status["bookings"].items() if k != "worker:overhead"} == \
-                {k: v for k, v in before["bookings"].items() if k != "worker:overhead"}
+            assert status["bookings"] == {k: v for k, v in before["bookings"].items()
+                                          if k.startswith("model:")}   # seats: when they run
             resumed = c.decode("a", "The weather today is", 10)
             assert resumed["context_reset"] is False
             want = reference(c, ["Hello, my name is", "The weather today is"], 10)

@@ -46,7 +46,8 @@ class ChatRun:
         self.out, self.parts = [], []
         self.cached = 0
         self.t0, self.t_live, self.t_prompt, self.t_first = t0, None, None, None
-        self.restored = self.built = False
+        self.restored = False
+        self.batch = 0
         self.result = None          # its ChatResult, set when it finishes
         self.prior = slot.pending   # start_chat changes nothing in the slot before go_live
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")

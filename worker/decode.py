@@ -1,10 +1,13 @@
 """Decoding on the engine's groups: a DECODE's Run, and one token for every running agent of a
 group per llama_decode (mixed into Engine).
 
-A Run's prompt (after any token left pending by the agent's last reply) is evaluated on its
-own; after that, each step puts the pending token of every running agent of a group into one
-llama_batch, decodes it, and takes every row's argmax at once. The sampled token stays pending
-until the next step, so whatever happens between steps (a park, a rebuild) loses nothing.
+Each step puts into one llama_batch the pending token of every running agent of a group, then
+fills what is left of the batch (the spec's n_batch) with chunks of the prompts still to be
+evaluated, oldest first: continuous batching, so a newcomer's long prompt rides along with the
+running agents' tokens instead of stalling them. One llama_decode; every greedy row's argmax
+at once, every sampled (CHAT) row through its own chain. A prompt whose last chunk went in gets
+its first token in the same step. The sampled token stays pending until the next step, so
+whatever happens between steps (a park, a resize) loses nothing.
 """
 import llama_cpp  # noqa: I001  -- must precede numpy: the CUDA load segfaulted otherwise
 
@@ -30,9 +33,8 @@ def run_stats(run, t_first):
                 prompt_ms=round((t_prompt - run.t_live) * 1000, 2),
                 gen_ms=round((t_end - t_prompt) * 1000, 2),
                 ttft_ms=round((t_first - run.t0) * 1000, 2) if t_first else None,
-                kv_swap_restored=run.restored, batch=len(slot.group.members),
-                n_past=slot.n_past + len(slot.pending),
-                context_measured=slot.group.measured if run.built else None)
+                kv_swap_restored=run.restored, batch=run.batch,
+                n_past=slot.n_past + len(slot.pending))
 
 
 SAMPLER_THREADS = max(1, min(8, len(os.sched_getaffinity(0))))
@@ -51,7 +53,7 @@ class Run:
         self.out = []
         self.t0, self.t_live, self.t_prompt = t0, None, None
         self.restored = False
-        self.built = False
+        self.batch = 0              # the most agents in one of its llama_decode batches
         self.result = None          # its DecodeResult, set when it finishes
         self.eos = False
         self.stopped_by = None
@@ -126,25 +128,22 @@ class DecodeMixin:
         finally:
             run.close()
 
-    def prepare(self, runs):
-        """Make every run's agent live (restoring parked state) before its first step. A run
-        whose state could not be restored (its agent in self.lost) must be answered with that
-        STATE_LOST error by the caller, never stepped."""
+    def prepare(self, runs, seats=None):
+        """Seat every run's agent (restoring parked state) before its first step; seats:
+        agent -> the broker's placement. A run whose state could not be restored (its agent in
+        self.lost) must be answered with that STATE_LOST error by the caller, never stepped."""
         fresh = [r for r in runs if r.t_live is None]
-        before = {id(r.slot): r.slot.group for r in fresh}
-        restored = set(self.make_live([r.slot for r in fresh]))
+        restored = set(self.make_live([r.slot for r in fresh], seats))
         now = time.perf_counter()
         for run in fresh:
             run.t_live = now
             run.restored = run.agent in restored
-            group = run.slot.group
-            run.built = before[id(run.slot)] is None and len(group.members) == 1
             if run.agent not in self.lost:
                 run.go_live(self)
 
     def step(self, runs):
-        """One token for every run (all live): a single llama_decode per group for the runs
-        with one token to evaluate, a prompt's chunks on their own; return the runs that
+        """One step for every run (all live): per group a single llama_decode with the
+        pending token of each running agent and chunks of prompts; return the runs that
         finished (their .result, a DecodeResult or ChatResult, is set)."""
         by_group = {}
         for run in runs:
@@ -152,41 +151,69 @@ class DecodeMixin:
         finished = []
         for group_runs in by_group.values():
             group = group_runs[0].slot.group
-            singles = [r for r in group_runs if len(r.slot.pending) == 1]
+            rows, items, width = self._plan_batch(group, group_runs)
+            if not items:
+                continue
             for run in group_runs:
-                if len(run.slot.pending) > 1:
-                    self._prefill(group, run)
-                    run.t_prompt = time.perf_counter()
-                    if self._sample(run, -1):
-                        finished.append(run)
-            if singles:
-                self._decode_batch(group, [(r.slot.seq, r.slot.n_past, r.slot.pending[0])
-                                           for r in singles])
-                for run, tok in zip(singles, self._picks(group, singles)):
-                    slot = run.slot
-                    slot.tokens.append(slot.pending[0])
-                    if run.t_prompt is None:
-                        run.t_prompt = time.perf_counter()
-                    if run.take(self, tok):
-                        finished.append(run)
+                run.batch = max(run.batch, width)
+            self._decode_batch(group, items)
+            now = time.perf_counter()
+            for run, tok in zip(rows, self._picks(group, rows)):
+                if run.t_prompt is None:
+                    run.t_prompt = now
+                if run.take(self, tok):
+                    finished.append(run)
         return finished
 
-    def _picks(self, group, singles):
+    def _plan_batch(self, group, runs):
+        """(the runs that get a token this step, [(seq, pos, token, logits)], how many runs
+        are in the batch): every run with one pending token first (a row each), then prompt
+        chunks in the room left of n_batch, oldest run first; a run whose prompt ends in this
+        batch gets its row."""
+        items, rows, chunks = [], [], []
+        for run in runs:
+            slot = run.slot
+            if len(slot.pending) == 1:
+                items.append((slot.seq, slot.n_past, slot.pending[0], True))
+                slot.tokens.append(slot.pending.pop())
+                rows.append(run)
+            elif slot.pending:
+                chunks.append(run)
+        room = group.spec.n_batch - len(items)
+        width = len(items)
+        for run in chunks:
+            if room <= 0:
+                break
+            width += 1
+            slot = run.slot
+            part, slot.pending = slot.pending[:room], slot.pending[room:]
+            done = not slot.pending
+            items += [(slot.seq, slot.n_past + j, t, done and j == len(part) - 1)
+                      for j, t in enumerate(part)]
+            slot.tokens.extend(part)
+            room -= len(part)
+            if done:
+                rows.append(run)
+        return rows, items, width
+
+    def _picks(self, group, rows):
         """Each row's token: one vectorized argmax over the greedy (DECODE) rows, and each
-        sampled (CHAT) row through its own chain at its output index in the batch."""
-        greedy = [i for i, r in enumerate(singles) if r.chain is None]
-        picks = [None] * len(singles)
+        sampled (CHAT) row through its own chain at its output in the batch (outputs are in
+        batch order, one per row)."""
+        greedy = [i for i, r in enumerate(rows) if r.chain is None]
+        picks = [None] * len(rows)
         if greedy:
-            # every row's logits in one array, one argmax (llama_get_logits keeps batch order)
-            rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(group.ctx),
-                                         shape=(len(singles), group.model.n_vocab))
-            if len(greedy) < len(singles):
-                rows = rows[greedy]
-            for i, tok in zip(greedy, rows.argmax(axis=1).tolist()):
+            # every output's logits in one array, one argmax
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(group.ctx),
+                                           shape=(len(rows), group.model.n_vocab))
+            if len(greedy) < len(rows):
+                logits = logits[greedy]
+            for i, tok in zip(greedy, logits.argmax(axis=1).tolist()):
                 picks[i] = tok
-        sampled = [i for i, r in enumerate(singles) if r.chain is not None]
-        for i, tok in zip(sampled, self._sample_rows(group.ctx, [singles[i].chain
-                                                                 for i in sampled], sampled)):
+        sampled = [i for i, r in enumerate(rows) if r.chain is not None]
+        at = self._out_index
+        for i, tok in zip(sampled, self._sample_rows(group.ctx, [rows[i].chain for i in sampled],
+                                                     [at[i] for i in sampled])):
             picks[i] = tok
         return picks
 
@@ -206,20 +233,9 @@ class DecodeMixin:
             picks[k::parts] = job.result()
         return picks
 
-    def _prefill(self, group, run):
-        slot = run.slot
-        feed, slot.pending = slot.pending, []
-        step = min(slot.spec.n_batch, slot.n_ctx)
-        for i in range(0, len(feed), step):
-            chunk = feed[i:i + step]
-            last = i + step >= len(feed)
-            self._decode_batch(group, [(slot.seq, slot.n_past + j, t)
-                                       for j, t in enumerate(chunk)], all_logits=False,
-                               last_logits=last)
-            slot.tokens.extend(chunk)
-
-    def _decode_batch(self, group, items, all_logits=True, last_logits=True):
-        """llama_decode one batch of (seq, pos, token); logits for each (or the last) row."""
+    def _decode_batch(self, group, items):
+        """llama_decode one batch of (seq, pos, token, logits); self._out_index: the batch
+        index of each output, in order (what a sampler chain reads)."""
         n = len(items)
         if n > self._batch_size:
             if self._batch is not None:
@@ -227,24 +243,17 @@ class DecodeMixin:
             self._batch_size = max(n, 512)
             self._batch = llama_cpp.llama_batch_init(self._batch_size, 0, 1)
         b = self._batch
-        for i, (seq, pos, tok) in enumerate(items):
+        self._out_index = []
+        for i, (seq, pos, tok, out) in enumerate(items):
             b.token[i], b.pos[i], b.n_seq_id[i] = tok, pos, 1
             b.seq_id[i][0] = seq
-            b.logits[i] = all_logits or (last_logits and i == n - 1)
+            b.logits[i] = out
+            if out:
+                self._out_index.append(i)
         b.n_tokens = n
         rc = llama_cpp.llama_decode(group.ctx, b)
         if rc != 0:
             raise LmxError(Code.INTERNAL, f"llama_decode failed with {rc}")
-
-    def _sample(self, run, index):
-        """The pick from the batch row `index` (greedy, or the run's chain); see take. True
-        if done."""
-        slot = run.slot
-        if run.chain is not None:
-            return run.take(self, run.chain.sample(slot.group.ctx, index))
-        ptr = llama_cpp.llama_get_logits_ith(slot.group.ctx, index)
-        return self._take(run, int(np.argmax(np.ctypeslib.as_array(
-            ptr, shape=(slot.model.n_vocab,)))))
 
     def _take(self, run, tok):
         """The sampled token stays pending (evaluated by the next step). True if done."""

@@ -200,8 +200,8 @@ def build_config(ctx, config, options):
               help="CPU only: the bytes other processes hold, read from this file at every "
               "reading (stands in for NVML where there is no GPU).")
 @click.option("--max-batch", default=_D.max_batch, show_default=True,
-              type=click.IntRange(1, 64), help="Agents of one model and context spec live in "
-              "one context and decoded in one llama_decode batch.")
+              type=click.IntRange(1, 256), help="Most seats of a group context (when the "
+              "broker does not place agents itself).")
 @click.option("--quantum", default=_D.quantum, show_default=True, type=click.IntRange(1, 4096),
               help="Batched steps a group runs per turn before the next group's turn.")
 @click.option("--park-dir", type=click.Path(file_okay=False), default=_D.park_dir,

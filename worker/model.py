@@ -105,7 +105,7 @@ class Slot:
         self.n_ctx = spec.n_ctx
         self.tokens = []         # exactly the tokens in its KV cache, in order (prefix reuse)
         self.pending = []        # sampled but not yet evaluated (the last token of a reply)
-        self.group = None        # the Group it is live in, and its sequence id there
+        self.group = None        # the Group it is live in (seats.py), and its seat there
         self.seq = None
         self.parked = None       # HostBuffer with llama_state_seq_get_data output
         self.parked_bytes = 0
@@ -118,15 +118,3 @@ class Slot:
     def n_past(self):
         """Tokens already in the KV cache."""
         return len(self.tokens)
-
-
-class Group:
-    """One llama_context shared by agents of one model and spec, a sequence each."""
-
-    def __init__(self, model, spec):
-        self.model, self.spec = model, spec
-        self.ctx = None
-        self.members = []        # slots; a member's sequence id is its index
-        self.buffers = {}
-        self.measured = None
-        self.n_stream = 0        # KV streams of its context (one per sequence)

@@ -1,5 +1,5 @@
-"""Parking on the engine: an agent's sequence saved to host memory or a file, and restored into
-its next group (mixed into Engine).
+"""Parking on the engine: an agent's sequence saved to host memory or a file, its seat freed
+without rebuilding the context, and restored into a free seat later (mixed into Engine).
 
 Where a state goes is the broker's policy, carried by each PARK (``ram_bytes``, ``disk``): a
 state of at most ``ram_bytes`` stays in host memory (pinned on CUDA), with a copy in
@@ -45,11 +45,12 @@ class ParkMixin:
         log.info("worker: resumed %s from disk (%d tokens)", slot.agent, slot.n_past)
         return True
 
-    def park(self, agent, ram_bytes, disk):
-        """Save the agent's sequence and leave its group: to host memory if it needs at most
+    def park(self, agent, ram_bytes, disk, shrink=None):
+        """Save the agent's sequence and free its seat: to host memory if it needs at most
         ram_bytes (plus a copy on disk when disk is true and there is a park_dir), else to a
         file if disk is true (and there is a park_dir), else LIMIT / PARK_BUDGET with the agent
-        still live and unchanged. A ParkResult: "ram", "disk", or None (nothing to keep)."""
+        still live and unchanged. shrink: then resize its group to that many seats (0 frees
+        it). A ParkResult: "ram", "disk", or None (nothing to keep)."""
         slot = self._slot(agent)
         if slot.group is None:
             return ParkResult(self._where(slot), slot.parked_bytes)
@@ -64,7 +65,9 @@ class ParkMixin:
                                f"{'no state directory' if disk else 'no disk'}",
                                Reason.PARK_BUDGET, needed=size, ram_bytes=ram_bytes)
             self._save_parked(slot, in_ram, to_disk)
-        self._regroup(group, [s for s in group.members if s is not slot])
+        self.unseat(slot)
+        if shrink is not None and shrink != group.capacity:
+            self.resize(group, shrink)
         slot.parks += 1
         return ParkResult(self._where(slot), slot.parked_bytes)
 

@@ -2,14 +2,15 @@
 
 Jobs arrive as Incoming items (the typed job record from common/jobs.py and the time the main
 thread received it). Each agent has a FIFO of its DECODEs, CHATs and its UNREGISTER, so its own
-requests keep their order. Every agent with a running DECODE is live in a group (engine.py);
+requests keep their order. Every agent with a running DECODE is seated in a group (seats.py);
 each step evaluates one token of every running agent of a group in one llama_decode, so agents
 on one model are batched and none starves; groups (different models or specs) take turns of
 `quantum` steps, and new jobs are taken between turns, so a short request is not stuck behind a
-long one. REGISTER and PARK run as soon as they arrive; the broker sends PARK only for an agent
-with no work in flight, so a PARK for one with work here is a broker bug (INTERNAL). A DECODE
-or CHAT cancelled or past its deadline before it starts is answered without running; once
-running it stops at its next token (a CHAT streams TOKEN events whose text is the delta).
+long one. REGISTER, PARK and RESIZE run as soon as they arrive; the broker sends PARK only for
+an agent with no work in flight, so a PARK for one with work here is a broker bug (INTERNAL).
+Each step also carries chunks of newcomers' prompts (decode.py). A DECODE or CHAT cancelled
+or past its deadline before it starts is answered without running; once running it stops at
+its next token (a CHAT streams TOKEN events whose text is the delta).
 Deadlines count from the moment the main thread received the job.
 
 Every job is answered by exactly one RESULT: ``Result(status, slot, engine, error, out)``.
@@ -25,7 +26,8 @@ from typing import NamedTuple, Optional
 from lmx.common import protocol
 from lmx.common.ctxspec import ContextSpec
 from lmx.common.errors import Code, LmxError
-from lmx.common.jobs import (ChatJob, DecodeJob, ParkJob, RegisterJob, Result, UnregisterJob)
+from lmx.common.jobs import (ChatJob, DecodeJob, ParkJob, RegisterJob, ResizeJob, ResizeResult,
+                             Result, UnregisterJob)
 
 log = logging.getLogger("lmx.worker")
 
@@ -71,7 +73,10 @@ class Scheduler:
             self._reply(item, error=item.error)
         elif isinstance(job, RegisterJob):
             self._finish(item, lambda: self.engine.register(
-                job.agent, job.path, ContextSpec(**job.spec), resume=bool(job.resume)))
+                job.agent, job.path, ContextSpec(**job.spec), resume=bool(job.resume),
+                seat=job.seat))
+        elif isinstance(job, ResizeJob):
+            self._finish(item, lambda: self._resize(job))
         elif isinstance(job, ParkJob):
             if job.agent in self.running or self.waiting.get(job.agent):
                 self._reply(item, error=LmxError(
@@ -79,12 +84,18 @@ class Scheduler:
                     "at the worker (a broker bug); not parked", agent=job.agent))
             else:
                 self._finish(item, lambda: self.engine.park(job.agent, job.ram_bytes,
-                                                            bool(job.disk)))
+                                                            bool(job.disk), job.shrink))
         elif isinstance(job, (DecodeJob, ChatJob, UnregisterJob)):
             self.waiting.setdefault(job.agent, collections.deque()).append(item)
         else:
             self._reply(item, error=LmxError(Code.UNKNOWN_VERB,
                                              f"worker cannot run {item.verb}"))
+
+    def _resize(self, job):
+        self.engine.reclaim(job.group, job.capacity)
+        self._drop_lost()
+        group = self.engine.group(job.group)
+        return ResizeResult(group.capacity if group else 0)
 
     def _round(self):
         """Start what can start, make the running agents live, then give each group a turn."""
@@ -93,8 +104,10 @@ class Scheduler:
                 self._start_next(agent)
         fresh = [run for _, run in self.running.values() if run.t_live is None]
         if fresh:
+            seats = {run.agent: item.job.seat for item, run in self.running.values()
+                     if run.t_live is None and item.job.seat is not None}
             try:
-                self.engine.prepare(fresh)
+                self.engine.prepare(fresh, seats)
             except LmxError as err:
                 for run in fresh:       # a context could not be built: fail those that wait
                     if run.slot.group is None:

@@ -1,11 +1,12 @@
 """Book before build, unwind on failure, reconcile to measured (pure; the core's ledger).
 
-A REGISTER looks up the estimate, reserves the agent's context (and its model's weights when
-the model is not booked yet) in one atomic step, asks the worker to build, and is committed
-only when the worker says so; any failure releases exactly what it booked. Reconciliation
+A REGISTER looks up the estimate, books the agent's seat (seats.py; and its model's weights
+when the model is not booked yet) in one atomic step, asks the worker to build, and is
+committed only when the worker says so; any failure releases exactly what it booked. Reconciliation
 rebooks measured + margin, but only through the ledger's check: when the margin does not fit,
 the measured bytes alone; when even they do not, the booking stays and the shortfall is logged.
 """
+from lmx.broker.core import seats
 from lmx.broker.core.state import Agent, ModelBooking
 from lmx.broker.measured import with_margin
 from lmx.common.ctxspec import ContextSpec
@@ -24,6 +25,10 @@ def start_register(core, op):
                        Reason.AGENTS_PER_CLIENT, limit=cfg.max_agents_per_client)
     core.need_worker()
     op.estimate = core.estimate(op.fields["model"], op.fields["spec"], core.worker.kind)
+    limit = cfg.max_live_contexts
+    if limit and sum(1 for a in core.agents.values() if a.live) >= limit:
+        core.room.append(op)    # --max-live-contexts: room.pump parks an idle agent first
+        return
     denial = book_register(core, op)
     if denial is None:
         send_register(core, op)
@@ -40,36 +45,44 @@ def _deny(core, op, denial):
     return denial.error(f"agent {op.agent!r} on {op.fields['model']}")
 
 
-def book_register(core, op, owner=None, state="registering"):
-    """Reserve the agent's context (and the weights if its model is new) atomically and
-    record both; return None, or the Denial."""
+def book_register(core, op, owner=None, state="registering", seat=True):
+    """Record the agent and book, in one step, its seat (seats.take) and the weights if its
+    model is new; return None, or the Denial. seat False (journal replay): the weights only,
+    the agent not live (it is seated at its first DECODE)."""
     est, name = op.estimate, op.agent
     mrec = core.models.get(est.path)
-    want = {f"agent:{name}": est.context}
-    if mrec is None:
-        want[f"model:{est.path}"] = est.weights
-    denial = core.ledger.try_reserve_many(want)
-    if denial is not None:
-        return denial
+    spec = op.fields["spec"]
+    seat_bytes, compute = seats.split(est)
+    rec = Agent(name, op.fields["model"], est.path, spec.n_ctx, spec.as_dict(),
+                op.identity if owner is None else owner, seat_bytes,
+                est.estimated.get("context_device", est.context), est.context_source,
+                core.wall, state=state, live=False, compute_bytes=compute,
+                last_used=core.now)     # a new agent is not the least recently used
+    weights = {} if mrec is not None else {f"model:{est.path}": est.weights}
+    if seat:
+        got = seats.take(core, rec, weights)
+        if not isinstance(got, dict):
+            return got
+        op.seat = got
+    elif weights:
+        denial = core.ledger.try_apply(weights)
+        if denial is not None:
+            return denial
     if mrec is None:
         mrec = core.models[est.path] = ModelBooking(
             est.path, est.fingerprint, est.weights,
             est.estimated.get("weights_device", est.weights), est.weights_source)
     mrec.agents.add(name)
-    spec = op.fields["spec"]
-    core.agents[name] = Agent(name, op.fields["model"], est.path, spec.n_ctx, spec.as_dict(),
-                              op.identity if owner is None else owner, est.context,
-                              est.estimated.get("context_device", est.context),
-                              est.context_source, core.wall, state=state)
-    core.log("info", f"admission: reserved agent={name} context={est.context} "
-             f"({est.context_source}) weights="
-             f"{est.weights if len(want) == 2 else 'shared'} ({est.weights_source})")
+    core.agents[name] = rec
+    core.log("info", f"admission: reserved agent={name} seat={rec.booked_bytes if seat else 0} "
+             f"({est.context_source}) weights={est.weights if weights else 'shared'} "
+             f"({est.weights_source}) group={rec.gid}")
     return None
 
 
 def send_register(core, op):
     rec = core.agents[op.agent]
-    core.send(op, RegisterJob(op.agent, rec.path, rec.spec))
+    core.send(op, RegisterJob(op.agent, rec.path, rec.spec, seat=op.seat))
 
 
 def register_done(core, op, result):
@@ -116,15 +129,22 @@ def unregister_done(core, op, result):
 
 
 def unbook(core, name, why):
-    """Drop an agent's context booking, and its model's when it was the last user."""
+    """Free an agent's seat (its bytes stay with the group as a free seat), and drop its
+    model's weights and groups when it was the model's last agent; the bytes released."""
     rec = core.agents.pop(name, None)
-    freed = core.ledger.release(f"agent:{name}")
+    before = core.ledger.allocated_bytes
+    if rec is not None and rec.live:
+        seats.leave(core, rec)
+    core.ledger.release(f"agent:{name}")
     mrec = core.models.get(rec.path) if rec else None
     if mrec is not None:
         mrec.agents.discard(name)
-        if not mrec.agents:
-            freed += core.ledger.release(f"model:{mrec.path}")
+        if not mrec.agents:         # the worker frees the model and every group on it
+            core.ledger.release(f"model:{mrec.path}")
+            for group in seats.groups_of_path(core, mrec.path):
+                seats.drop(core, group, "its model was freed")
             del core.models[mrec.path]
+    freed = before - core.ledger.allocated_bytes
     core.journal.drop(name)
     core.log("info", f"admission: released agent={name} bytes={freed} ({why})")
     return freed
@@ -158,21 +178,6 @@ def reconcile_model(core, mrec, nbytes, spec):
     core.measured.store_weights(mrec.fingerprint, core.worker.kind, ContextSpec(
         n_gpu_layers=spec.n_gpu_layers), with_margin(nbytes, core.config.measure_margin_percent))
     rebook(core, f"model:{mrec.path}", mrec, nbytes, keep=mrec.source == "table")
-
-
-def reconcile_context(core, rec, nbytes):
-    """Book an agent's measured context (+ margin) and remember it for the next REGISTER."""
-    if not nbytes or rec.name not in core.agents:
-        return
-    rec.measured_bytes = nbytes
-    mrec = core.models.get(rec.path)
-    core.measured.store_context(mrec.fingerprint if mrec else "", core.worker.kind,
-                                ContextSpec(**rec.spec),
-                                with_margin(nbytes, core.config.measure_margin_percent))
-    if rec.live:
-        rebook(core, f"agent:{rec.name}", rec, nbytes)
-    else:
-        rec.booked_bytes = with_margin(nbytes, core.config.measure_margin_percent)
 
 
 def reconcile_overhead(core, engine):

@@ -43,6 +43,7 @@ class WorkerView:
         self.backoff = 1.0
         self.replayed = False             # the journal was replayed (first READY)
         self.overhead_measured = False
+        self.builds_before = 0            # context builds of the workers before this one
 
     @property
     def kind(self):
@@ -59,6 +60,8 @@ class Core:
         self.started = started            # wall time, for uptime_s
         self.ledger = Ledger(None, config.admission_percent)
         self.agents, self.models, self.lost = {}, {}, {}
+        self.groups = {}                  # gid -> seats.SeatGroup (the worker's contexts)
+        self._gids = itertools.count(1)
         self.lanes = {}                   # agent name -> Lane
         self.jobs = {}                    # job id -> the Op waiting for it
         self.room = room.RoomQueue()
@@ -118,6 +121,9 @@ class Core:
         op.job_id, op.sent_at = job_id, self.now
         self.jobs[job_id] = op
         self._out.append(SendJob(job_id, job.VERB, job.to_wire()))
+
+    def next_gid(self):
+        return next(self._gids)
 
     def emit(self, action):
         self._out.append(action)
@@ -297,10 +303,11 @@ class Core:
         if op.verb == "CHAT":
             job = ChatJob(op.agent, template=self.config.chat_templates.get(rec.path),
                           deadline_ms=left, max_prompt_tokens=self.config.max_prompt_tokens,
-                          **f)
+                          seat=op.seat, **f)
         else:
             job = DecodeJob(op.agent, f["prompt"], f["n_predict"],
-                            self.config.max_prompt_tokens, bool(f.get("stream")), left)
+                            self.config.max_prompt_tokens, bool(f.get("stream")), left,
+                            op.seat)
         self.send(op, job)
 
     def _on_token(self, ev):

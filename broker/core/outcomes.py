@@ -1,5 +1,5 @@
 """What the core does with a worker's RESULT: per job verb, and the facts every result brings."""
-from lmx.broker.core import booking, room
+from lmx.broker.core import booking, room, seats
 from lmx.common.jobs import RESULT_TYPES
 from lmx.common.replies import ChatReply, DecodeReply
 
@@ -20,6 +20,8 @@ def on_result(core, ev):
     if result.slot is not None:
         absorb_slot(core, result.slot)
     _DONE[op.verb](core, op, result)
+    seats.sync(core, result.engine)
+    seats.reconcile(core, result.engine)
     booking.reconcile_overhead(core, core.worker.engine)
 
 
@@ -70,8 +72,6 @@ def run_done(core, op, result):
 
 def _count(core, rec, out):
     """What every finished DECODE or CHAT adds to its agent's record."""
-    if out.context_measured is not None:
-        booking.reconcile_context(core, rec, out.context_measured.nbytes)
     rec.decodes += 1
     rec.generated_tokens += getattr(out, "completion_tokens", None) or getattr(
         out, "generated_tokens", 0)
@@ -88,10 +88,7 @@ def restore_done(core, op, result):
     if result.ok:
         rec.state = "ready"
         resumed = bool(result.out.resumed)
-        rec.context_reset = not resumed
-        if resumed and rec.live:             # its state is on disk: parked, nothing live
-            core.ledger.release(f"agent:{rec.name}")
-            rec.live = False
+        rec.context_reset = not resumed     # not live either way: seated at its next run
         core.log("info", f"recovery: agent={rec.name} "
                  f"{'resumed from disk' if resumed else 'rebuilt; its context was reset'}")
     else:
@@ -103,4 +100,5 @@ def restore_done(core, op, result):
 
 _DONE = {"REGISTER": booking.register_done, "UNREGISTER": booking.unregister_done,
          "DECODE": run_done, "CHAT": run_done, "PARK": room.park_done,
+         "RESIZE": room.resize_done,
          "RESTORE": restore_done}

@@ -1,13 +1,14 @@
 """The worker's life as the core sees it: READY, heartbeats, loss, restarts, journal replay.
 
 A lost worker fails every request it or the broker held with WORKER_LOST (no caller hangs),
-keeps every registered agent and its bookings, and asks for a new worker after a back-off
+keeps every registered agent and its model's weights (its seat is released: each agent is
+seated again at its next DECODE or CHAT), and asks for a new worker after a back-off
 (1 s doubling to 32 s). On the new worker's READY every agent is rebuilt (RESTORE), resuming
 from parked state on disk where there is one. After a broker restart the journal's agents are
 booked again and rebuilt the same way; one that cannot be is remembered as lost, never
 silently forgotten.
 """
-from lmx.broker.core import booking
+from lmx.broker.core import booking, seats
 from lmx.broker.core.events import KillWorker, SpawnWorker
 from lmx.broker.core.state import Lane, Op
 from lmx.broker.estimator import CUDA_OVERHEAD
@@ -98,9 +99,11 @@ def lose(core, why):
             core.reply(op.identity, op.msg_id, err.fields())
     core.lanes.clear()
     core.room.clear()
+    seats.drop_all(core, "the worker was lost")     # no agent is live: seated when it runs
     for rec in core.agents.values():
         rec.state = "restoring"
     wk = core.worker
+    wk.builds_before += wk.engine.context_builds if wk.engine is not None else 0
     wk.state, wk.engine = "lost", None
     if core.config.spawn_worker:
         core.emit(SpawnWorker(wk.backoff))
@@ -132,7 +135,7 @@ def _replay_journal(core):
             spec = ContextSpec(**entry["spec"])
             op = Op("REGISTER", name, {"model": entry["model"], "spec": spec}, core.now)
             op.estimate = core.estimate(entry["model"], spec, core.worker.kind)
-            denial = booking.book_register(core, op, owner=b"", state="restoring")
+            denial = booking.book_register(core, op, owner=b"", state="restoring", seat=False)
             if denial is not None:
                 raise denial.error(f"agent {name!r}")
         except (LmxError, TypeError, KeyError) as exc:

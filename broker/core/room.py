@@ -1,27 +1,32 @@
 """Making room: which agents are live, which idle ones to park, and who waits (pure).
 
-The ledger books an agent's context only while it is live. An op that must make a context
-live (a parked agent's DECODE, a REGISTER with --admit-by-parking that does not fit, or any
-DECODE while --max-live-contexts is exceeded) joins the room queue. Its head plans: the least
-recently used *idle* live agents (nothing queued or running for them, their last PARK not
-refused) whose bookings free enough. Parking is two-phase: the victims' lanes are held, their
-PARKs go to the worker one at a time (each with the RAM it may use: the budget minus every
-parked byte the broker knows of), and a victim's booking is released only when the worker
-confirms its PARK. A refused PARK leaves the victim live and booked. Only then is the op's
-context booked, so the ledger never books what is still allocated.
+The ledger books an agent's seat only while it is live (seats.py). An op that must seat an
+agent (a parked agent's DECODE or CHAT, a REGISTER with --admit-by-parking that does not fit,
+or any run while --max-live-contexts is exceeded) joins the room queue. Its head plans Steps
+(plan()): when an idle agent of the same model and spec is live, parking it frees a seat the
+op takes over (no bytes move, no context is rebuilt); otherwise free seats of other groups are
+reclaimed (RESIZE), then the least recently used *idle* live agents (nothing queued or running
+for them, their last PARK not refused) are parked, the last one of each group shrinking it.
+Steps are two-phase: the victims' lanes are held, the steps go to the worker one at a time
+(each PARK with the RAM it may use: the budget minus every parked byte the broker knows of),
+and bytes are released only when the worker confirms. A refused PARK leaves the victim live
+and booked. Only then is the op's seat booked, so the ledger never books what is still
+allocated.
 
 While one op waits, every later DECODE waits behind it (first come, first served), so busy
 agents go idle in turn and the waiting one cannot starve. When nothing is running that could
 free room, the head is answered at once instead of waiting forever.
 """
 import collections
+from dataclasses import dataclass
+from typing import Optional
 
-RUNS = ("DECODE", "CHAT")
-
-from lmx.broker.core import booking
+from lmx.broker.core import booking, seats
 from lmx.broker.core.state import Lane, Op
 from lmx.common.errors import Code, LmxError, Reason
-from lmx.common.jobs import ParkJob
+from lmx.common.jobs import ParkJob, ResizeJob
+
+RUNS = ("DECODE", "CHAT")
 
 
 class RoomQueue(collections.deque):
@@ -42,25 +47,93 @@ def over_live_limit(core):
     return bool(limit) and live_count(core) > limit
 
 
-def plan(core, rec, nbytes):
-    """The idle live agents (least recently used first) to park so that nbytes more fit for
-    rec (None: an agent not registered yet) and the live count stays within
-    --max-live-contexts; [] when nothing needs parking, None when no such set exists."""
-    ledger = core.ledger
-    free = ledger.max_bytes - ledger.allocated_bytes
+@dataclass
+class Step:
+    """One thing to do before a waiting op fits: park an idle agent (then shrink its group to
+    `shrink` seats, None: keep the free seat), or resize a group to `shrink` seats."""
+
+    kind: str                       # "park" or "resize"
+    agent: Optional[str] = None     # park: the victim
+    group: Optional[int] = None     # resize: the group
+    shrink: Optional[int] = None
+    op: Optional[Op] = None         # the internal PARK or RESIZE op carrying it out
+
+
+def _need(core, op, rec):
+    """(path, spec, seat bytes, compute bytes, new weights) of the agent op must seat."""
+    if rec is not None:
+        return rec.path, rec.spec, rec.booked_bytes, rec.compute_bytes, 0
+    est = op.estimate
+    seat, compute = seats.split(est)
+    return (est.path, op.fields["spec"].as_dict(), seat, compute,
+            0 if est.path in core.models else est.weights)
+
+
+def need_bytes(core, op, rec):
+    path, spec, seat, compute, weights = _need(core, op, rec)
+    return seats.cheapest(core, path, spec, seat, compute) + weights
+
+
+def _total(group, capacity):
+    """Everything a group costs at a capacity: its seats (taken or free) and compute."""
+    return (group.compute_bytes if capacity else 0) + capacity * group.seat_bytes
+
+
+def plan(core, op, rec):
+    """The Steps that make room for op's agent (rec; None: a REGISTER): [] when it fits now,
+    None when no such set exists. A same-model idle agent's seat is taken over (no bytes
+    move, nothing is rebuilt); else free seats of other groups are reclaimed, then the least
+    recently used idle agents are parked and their groups shrunk. --max-live-contexts may ask
+    for more parks."""
     live = live_count(core) + (0 if rec is not None and rec.live else 1)
     limit = core.config.max_live_contexts
     extra = max(live - limit, 0) if limit else 0
     idle = sorted((a for a in core.agents.values() if a.live and a is not rec and
                    a.state == "ready" and not a.unparkable and core.lane_idle(a.name)),
                   key=lambda a: a.last_used)
-    victims = []
-    for victim in idle:
-        if free >= nbytes and len(victims) >= extra:
+    if rec is not None and rec.live:
+        return [Step("park", v.name) for v in idle[:extra]] if len(idle) >= extra else None
+    path, spec, seat, compute, weights = _need(core, op, rec)
+    need = seats.cheapest(core, path, spec, seat, compute) + weights
+    free = core.ledger.max_bytes - core.ledger.allocated_bytes
+    if free >= need and not extra:
+        return []
+    same = [a for a in idle if a.path == path and a.spec == spec]
+    if same:        # its seat is ours once it parks: no bytes needed
+        others = [a for a in idle if a is not same[0]][:max(extra - 1, 0)]
+        if len(others) < extra - 1:
+            return None
+        return [Step("park", v.name) for v in [same[0]] + others]
+    return _plan_bytes(core, idle, need - free, extra, (path, spec))
+
+
+def _plan_bytes(core, idle, short, extra, key):
+    """Resizes of other groups' free seats, then parks (the last of a group shrinks it)."""
+    steps, freed = [], 0
+    for group in sorted(core.groups.values(), key=lambda g: (len(g.members), g.gid)):
+        if freed >= short:
             break
-        victims.append(victim.name)
-        free += ledger.booked(f"agent:{victim.name}") or 0
-    return victims if free >= nbytes and len(victims) >= extra else None
+        if group.free > 0 and (group.path, group.spec) != key:
+            steps.append(Step("resize", group=group.gid, shrink=len(group.members)))
+            freed += _total(group, group.capacity) - _total(group, len(group.members))
+    left = {}                                   # gid -> members left after the parks
+    parks = []
+    for victim in idle:
+        if freed >= short and len(parks) >= extra:
+            break
+        group = core.groups.get(victim.gid)
+        if group is None:
+            continue
+        before = left.get(group.gid, len(group.members))
+        left[group.gid] = before - 1
+        freed += _total(group, before) - _total(group, before - 1)
+        parks.append(Step("park", victim.name))
+    if freed < short or len(parks) < extra:
+        return None
+    for gid, members in left.items():           # the group's last park shrinks it
+        last = [p for p in parks if core.agents[p.agent].gid == gid][-1]
+        last.shrink = members
+    return steps + parks
 
 
 def pump(core):
@@ -83,29 +156,22 @@ def pump(core):
 
 
 def _try(core, op):
-    """ready (its context is booked), parking (PARKs sent) or wait."""
+    """ready (its seat is booked), parking (Steps under way) or wait."""
     rec = core.agents.get(op.agent) if op.verb in RUNS else None
-    if rec is not None and rec.live:
-        victims = plan(core, rec, 0) or []   # the live-count limit only
-    else:
-        victims = plan(core, rec, rec.booked_bytes if rec else _register_need(core, op))
-        if victims is None:
-            return "wait"
-    if victims:
-        _reserve(core, op, victims)
+    steps = plan(core, op, rec)
+    if steps is None:
+        return "wait"
+    if steps:
+        _reserve(core, op, steps)
         return "parking"
     if rec is None:
         return "ready" if booking.book_register(core, op) is None else "wait"
     if not rec.live:
-        if core.ledger.try_reserve(f"agent:{rec.name}", rec.booked_bytes) is not None:
+        got = seats.take(core, rec)
+        if not isinstance(got, dict):
             return "wait"
-        rec.live = True
+        op.seat = got
     return "ready"
-
-
-def _register_need(core, op):
-    est = op.estimate
-    return est.context + (0 if est.path in core.models else est.weights)
 
 
 def _launch(core, op):
@@ -117,14 +183,14 @@ def _launch(core, op):
 
 def _room_may_come(core):
     """True while a job runs whose end can leave an agent idle or free bytes."""
-    return any(o.verb in ("DECODE", "CHAT", "REGISTER", "UNREGISTER", "RESTORE")
+    return any(o.verb in ("DECODE", "CHAT", "REGISTER", "UNREGISTER", "RESTORE", "RESIZE")
                for o in core.jobs.values())
 
 
 def _no_room(core, op):
     """The answer for an op that cannot get room: the ledger's numbers, or the park budget."""
     rec = core.agents.get(op.agent) if op.verb in RUNS else None
-    need = rec.booked_bytes if rec else _register_need(core, op)
+    need = need_bytes(core, op, rec)
     stuck = [a.name for a in core.agents.values() if a.live and a.unparkable]
     if stuck:
         return LmxError(Code.LIMIT, f"no room for {op.agent!r}: parking {', '.join(stuck)} "
@@ -140,31 +206,40 @@ def _no_room(core, op):
                     requested_bytes=need, **core.ledger_numbers())
 
 
-def _reserve(core, op, victims):
-    """Hold every victim's lane for a PARK (so nothing starts on it), then send the first."""
-    op.victims = list(victims)
-    for name in victims:
-        core.lanes.setdefault(name, Lane()).active = Op("PARK", name, {}, core.now, for_op=op)
+def _reserve(core, op, steps):
+    """Hold every victim's lane for its PARK (so nothing starts on it), then send the first
+    step."""
+    op.victims = list(steps)
+    for step in steps:
+        if step.kind == "park":
+            step.op = Op("PARK", step.agent, {}, core.now, for_op=op, step=step)
+            core.lanes.setdefault(step.agent, Lane()).active = step.op
+        else:
+            step.op = Op("RESIZE", f"group:{step.group}", {}, core.now, for_op=op, step=step)
     _send_next(core, op)
 
 
 def _send_next(core, op):
-    name = op.victims[0]
-    park = core.lanes[name].active
+    step = op.victims[0]
+    if step.kind == "resize":
+        core.log("info", f"seats: shrinking group {step.group} to {step.shrink} seats for "
+                 f"{op.agent}")
+        core.send(step.op, ResizeJob(step.group, step.shrink))
+        return
     room = max(core.config.park_ram - parked_ram(core), 0)
     disk = core.config.park_to_disk and bool(core.config.state_dir)
-    core.log("info", f"liveset: parking agent={name} for {op.agent} (host room {room} bytes, "
-             f"disk {'yes' if disk else 'no'})")
-    core.send(park, ParkJob(name, room, disk))
+    core.log("info", f"liveset: parking agent={step.agent} for {op.agent} (host room {room} "
+             f"bytes, disk {'yes' if disk else 'no'}, seats after "
+             f"{'kept' if step.shrink is None else step.shrink})")
+    core.send(step.op, ParkJob(step.agent, room, disk, step.shrink))
 
 
 def park_done(core, park, result):
-    """A PARK's result: release the victim's booking if it parked; go on with its op."""
+    """A PARK's result: the victim's seat is free (or its group shrunk); go on with its op."""
     victim = core.agents.get(park.agent)
-    op = park.for_op
+    op, step = park.for_op, park.step
     if result.ok and victim is not None:
-        freed = core.ledger.release(f"agent:{victim.name}")
-        victim.live = False
+        freed = seats.leave(core, victim, step.shrink)
         victim.parks += 1
         core.log("info", f"liveset: parked agent={victim.name} released={freed}")
         op.parked.append(victim.name)
@@ -174,9 +249,26 @@ def park_done(core, park, result):
         core.log("error", f"liveset: PARK of {victim.name} refused ({err.get('message')}); "
                  "it stays live and booked")
     core.end(park, None)
-    if op.victims and op.victims[0] == park.agent:
+    _next(core, op, step, result.ok)
+
+
+def resize_done(core, rop, result):
+    """A RESIZE's result: the group's free seats are released; go on with its op."""
+    op, step = rop.for_op, rop.step
+    group = core.groups.get(step.group)
+    if result.ok and group is not None:
+        group.capacity = result.out.seats
+        seats.resize(core, group)
+    elif not result.ok:
+        core.log("error", f"seats: RESIZE of group {step.group} failed "
+                 f"({(result.error or {}).get('message')})")
+    _next(core, op, step, result.ok)
+
+
+def _next(core, op, step, ok):
+    if op.victims and op.victims[0] is step:
         op.victims.pop(0)
-    if not result.ok:
+    if not ok:
         _release(core, op)
     elif op.victims and op in core.room:
         _send_next(core, op)
@@ -184,19 +276,18 @@ def park_done(core, park, result):
 
 def _release(core, op):
     """Give back the lanes held for op's PARKs that were not sent."""
-    for name in op.victims:
-        lane = core.lanes.get(name)
-        if lane is not None and lane.active is not None and lane.active.job_id is None:
+    for step in op.victims:
+        lane = core.lanes.get(step.agent) if step.kind == "park" else None
+        if lane is not None and lane.active is step.op and step.op.job_id is None:
             lane.active = None
-            core.advance(name)
+            core.advance(step.agent)
     op.victims = []
 
 
 def abandon(core, op):
-    """op leaves the room queue before it got room (CANCEL, deadline)."""
+    """op leaves the room queue before it got room (CANCEL, deadline); a step already at the
+    worker finishes (its result is applied), the others are dropped."""
     if op in core.room:
         core.room.remove(op)
-        in_flight = [n for n in op.victims if core.lanes.get(n) and
-                     core.lanes[n].active is not None and core.lanes[n].active.job_id]
-        op.victims = [n for n in op.victims if n not in in_flight]
+        op.victims = [s for s in op.victims if s.op is None or s.op.job_id is None]
         _release(core, op)

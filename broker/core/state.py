@@ -57,13 +57,13 @@ class Agent:
     n_ctx: int
     spec: dict
     owner: bytes
-    booked_bytes: int                   # its context's booking while live
+    booked_bytes: int                   # its seat's booking while live (seats.py)
     estimated_bytes: Optional[int]
     source: str
     registered_at: float
     measured_bytes: Optional[int] = None
     state: str = "registering"          # registering -> ready (-> restoring -> ready) -> leaving
-    live: bool = True
+    live: bool = True                   # it holds a seat (booked under agent:NAME)
     parked: Optional[str] = None        # "ram" or "disk" while the worker holds a parked state
     parked_bytes: int = 0
     parked_pinned: bool = False
@@ -76,6 +76,8 @@ class Agent:
     last_active: Optional[float] = None     # wall time of its last DECODE
     last_used: float = 0.0                  # monotonic time of its last DECODE (LRU parking)
     context_reset: bool = False         # tell the next DECODE its conversation was lost
+    compute_bytes: int = 0              # its group's compute buffer (the estimate's split)
+    gid: Optional[int] = None           # the group it has a seat in while live
 
 
 @dataclass
@@ -105,10 +107,12 @@ class Op:
     deadline: Optional[float] = None
     job_id: Optional[int] = None        # the worker job it is waiting for
     sent_at: Optional[float] = None
-    victims: list = field(default_factory=list)    # agents to park for it, in order
+    victims: list = field(default_factory=list)    # room.Steps to make room for it, in order
     parked: list = field(default_factory=list)     # agents parked for it so far
     estimate: object = None             # REGISTER: its Estimate
-    for_op: Optional["Op"] = None       # PARK: the op it makes room for
+    for_op: Optional["Op"] = None       # PARK, RESIZE: the op it makes room for
+    seat: Optional[dict] = None         # its agent's placement, sent with the job
+    step: object = None                 # PARK, RESIZE: the room.Step it carries out
     slow: bool = False                  # its client reads too slowly: partials dropped
 
     @property

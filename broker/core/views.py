@@ -3,7 +3,8 @@ from lmx.broker.core import room
 from lmx.broker.core.state import VERSION
 from lmx.common import protocol
 from lmx.common.jobs import DeviceReading, EngineSummary
-from lmx.common.replies import AgentRecord, AgentState, ListReply, ModelRecord, StatusReply
+from lmx.common.replies import (AgentRecord, AgentState, GroupRecord, ListReply, ModelRecord,
+                               StatusReply)
 
 
 def residence(rec):
@@ -72,4 +73,13 @@ def status_reply(core):
         [a.name for a in core.agents.values() if a.live], list(engine.groups),
         room.parked_ram(core), core.config.park_ram,
         sum(1 for op in core.room if not op.internal), states, _models(core, engine),
-        len(core.agents), core.queue_depth(), len(core.jobs))
+        len(core.agents), core.queue_depth(), len(core.jobs), _groups(core, engine),
+        core.worker.builds_before + engine.context_builds)
+
+
+def _groups(core, engine):
+    builds = {s.group: s.builds for s in engine.seats}
+    return [GroupRecord(g.gid, g.path, g.capacity, len(g.members),
+                        max(builds.get(g.gid, 1) - 1, 0), g.seat_bytes,
+                        core.ledger.booked(g.key) or 0, sorted(g.members))
+            for g in sorted(core.groups.values(), key=lambda g: g.gid)]
