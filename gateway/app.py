@@ -14,6 +14,7 @@ import time
 
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -195,14 +196,17 @@ class Gateway(CompletionsMixin):
         rid, headers = translate.new_id("chatcmpl"), {"X-Lmx-Agent": agent}
         if opts["stream"]:
             maker = translate.ChunkMaker(rid, entry.alias, opts["include_usage"])
-            return EventSourceResponse(self._chat_events(session, pending, first, maker,
-                                                         opts), headers=headers, ping=PING_S)
+            end = _Ending(self, session, pending)
+            # the background task ends the request even if the stream never started
+            return EventSourceResponse(self._chat_events(end, first, maker, opts),
+                                       headers=headers, ping=PING_S,
+                                       background=BackgroundTask(end))
         self.sessions.release(session)
         return JSONResponse(translate.chat_completion(
             first, rid, entry.alias, int(time.time()), opts["parallel_tool_calls"]),
             headers=headers)
 
-    async def _chat_events(self, session, pending, first, maker, opts):
+    async def _chat_events(self, end, first, maker, opts):
         """The SSE events of a streamed chat; CANCELs the request if the client goes."""
         try:
             yield sse(maker.first())
@@ -210,7 +214,7 @@ class Gateway(CompletionsMixin):
             while reply.get("status") == "partial":
                 if reply.get("delta"):
                     yield sse(maker.text(reply["delta"]))
-                reply = await self.link.next_reply(pending, self.cfg.request_timeout_s)
+                reply = await self.link.next_reply(end.pending, self.cfg.request_timeout_s)
             if reply.get("status") == "ok":
                 for chunk in maker.ending(reply, opts["parallel_tool_calls"]):
                     yield sse(chunk)
@@ -218,8 +222,7 @@ class Gateway(CompletionsMixin):
                 yield sse(errors.from_reply(reply, self.cfg.retry_after_s).body())
             yield DONE
         finally:
-            self.link.cancel(pending)            # a no-op once the final reply came
-            self.sessions.release(session)
+            end()
 
     async def models(self, request):
         """GET /v1/models."""
@@ -251,6 +254,19 @@ class Gateway(CompletionsMixin):
         if not ok:
             body["error"] = reply.get("message")
         return JSONResponse(body, status_code=200 if ok else 503)
+
+
+class _Ending:
+    """Ends a streamed request once: CANCEL if it still runs, release its session."""
+
+    def __init__(self, gw, session, pending):
+        self.gw, self.session, self.pending = gw, session, pending
+
+    def __call__(self):
+        if self.session is not None:
+            self.gw.link.cancel(self.pending)       # a no-op once the final reply came
+            self.gw.sessions.release(self.session)
+            self.session = None
 
 
 def _too_large(size, limit):

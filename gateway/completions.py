@@ -11,6 +11,7 @@ import asyncio
 import time
 
 from sse_starlette.sse import EventSourceResponse
+from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse
 
 from lmx.gateway import errors, translate
@@ -33,13 +34,14 @@ class CompletionsMixin:
         entry = self.entry(body, key)
         prompt, n_predict, stops, opts = translate.completion_fields(body)
         agent = self.agent_for(request, body, key, entry, "t")
-        session = await self.sessions.acquire(agent, entry)
-        lock = _lock(session)
+        session = fitted = await self.sessions.acquire(agent, entry)
+        lock, locked = _lock(session), False
         try:
             await lock.acquire()
+            locked = True
             send = await self._fit(session, entry, prompt)
         except BaseException:
-            if lock.locked():
+            if locked:
                 lock.release()
             self.sessions.release(session)
             raise
@@ -52,13 +54,19 @@ class CompletionsMixin:
             session.text = None
             lock.release()
             raise
+        if session is not fitted and send != prompt:
+            session.text = None      # registered anew (UNKNOWN_AGENT) under a continuation
         rid = translate.new_id("cmpl")
         run = _TextRun(self, session, pending, first, prompt, stops, lock)
         headers = {"X-Lmx-Agent": agent}
         if opts["stream"]:
             return EventSourceResponse(run.events(rid, entry.alias, opts["include_usage"]),
-                                       headers=headers, ping=PING_S)
-        text, finish, use, err = await self.watched(request, run.collect())
+                                       headers=headers, ping=PING_S,
+                                       background=BackgroundTask(run.close))
+        try:
+            text, finish, use, err = await self.watched(request, run.collect())
+        finally:
+            run.close()
         if err is not None:
             raise errors.from_reply(err, self.cfg.retry_after_s)
         return JSONResponse(translate.text_completion(rid, entry.alias, int(time.time()),

@@ -48,25 +48,39 @@ class Sessions:
     async def acquire(self, agent, entry):
         """The session of agent, registered on the broker; counts as in use until
         release(). Raises HttpError when REGISTER fails."""
-        session = self.table.get(agent)
-        if session is None:
-            session = self.table[agent] = Session(agent, entry.alias, self.clock())
+        while True:
+            session = self.table.get(agent)
+            if session is None:
+                return await self._first(agent, entry)
             session.inflight += 1
             try:
-                await self.register(session, entry)
-            except BaseException as exc:
-                self.table.pop(agent, None)
-                session.ready.set_exception(exc)
-                session.ready.exception()            # retrieved: no "never retrieved" log
+                await asyncio.shield(session.ready)
+                return session
+            except asyncio.CancelledError:
+                session.inflight -= 1
+                if not session.ready.cancelled():
+                    raise                   # this request itself was cancelled
+            except BaseException:
+                session.inflight -= 1
                 raise
-            session.ready.set_result(True)
-            return session
+            # the request registering it went away first: try again
+
+    async def _first(self, agent, entry):
+        """Create and register a session; waiters share the outcome."""
+        session = self.table[agent] = Session(agent, entry.alias, self.clock())
         session.inflight += 1
         try:
-            await asyncio.shield(session.ready)
-        except BaseException:
-            session.inflight -= 1
+            await self.register(session, entry)
+        except BaseException as exc:
+            if self.table.get(agent) is session:
+                del self.table[agent]
+            if isinstance(exc, asyncio.CancelledError):
+                session.ready.cancel()
+            else:
+                session.ready.set_exception(exc)
+                session.ready.exception()            # retrieved: no "never retrieved" log
             raise
+        session.ready.set_result(True)
         return session
 
     def release(self, session):

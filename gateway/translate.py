@@ -66,8 +66,11 @@ def _message(i, m):
 
 def chat_fields(body, max_messages):
     """(CHAT fields without agent, renames of broker fields to request params, options)."""
-    n = body.get("n", 1)
-    if n != 1:
+    for name in ("response_format", "stream_options"):
+        if body.get(name) is not None and not isinstance(body[name], dict):
+            raise bad_param(name, f"{name} must be an object", "invalid_type")
+    n = body.get("n")
+    if n not in (None, 1):
         raise bad_param("n", f"n must be 1 (each lmx session holds one conversation), got {n}")
     if body.get("logprobs") or body.get("top_logprobs"):
         raise bad_param("logprobs", "logprobs are not supported by this gateway")
@@ -168,7 +171,7 @@ class ChunkMaker:
 
 def completion_fields(body):
     """(prompt, n_predict, stop list, options) of a /v1/completions request."""
-    if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
+    if body.get("n") not in (None, 1) or body.get("best_of") not in (None, 1):
         raise bad_param("n", "n and best_of must be 1")
     if body.get("echo") or body.get("logprobs") is not None or body.get("suffix"):
         raise bad_param("echo" if body.get("echo") else "logprobs" if
