@@ -212,9 +212,15 @@ class Gateway(CompletionsMixin):
             yield sse(maker.first())
             reply = first
             while reply.get("status") == "partial":
-                if reply.get("delta"):
-                    yield sse(maker.text(reply["delta"]))
-                reply = await self.link.next_reply(end.pending, self.cfg.request_timeout_s)
+                # tokens that queued up while the last event was sent go out as one event
+                delta, more = reply.get("delta") or "", self.link.ready_replies(end.pending)
+                if more and more[-1].get("status") != "partial":
+                    reply = more.pop()
+                delta += "".join(r.get("delta") or "" for r in more)
+                if delta:
+                    yield sse(maker.text(delta))
+                if reply.get("status") == "partial":
+                    reply = await self.link.next_reply(end.pending, self.cfg.request_timeout_s)
             if reply.get("status") == "ok":
                 for chunk in maker.ending(reply, opts["parallel_tool_calls"]):
                     yield sse(chunk)
@@ -222,7 +228,7 @@ class Gateway(CompletionsMixin):
                 yield sse(errors.from_reply(reply, self.cfg.retry_after_s).body())
             yield DONE
         finally:
-            end()
+            end.end()
 
     async def models(self, request):
         """GET /v1/models."""
@@ -262,7 +268,12 @@ class _Ending:
     def __init__(self, gw, session, pending):
         self.gw, self.session, self.pending = gw, session, pending
 
-    def __call__(self):
+    async def __call__(self):
+        """(async: a BackgroundTask runs a plain function in a thread)"""
+        self.end()
+
+    def end(self):
+        """End it now (idempotent)."""
         if self.session is not None:
             self.gw.link.cancel(self.pending)       # a no-op once the final reply came
             self.gw.sessions.release(self.session)

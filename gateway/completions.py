@@ -62,7 +62,7 @@ class CompletionsMixin:
         if opts["stream"]:
             return EventSourceResponse(run.events(rid, entry.alias, opts["include_usage"]),
                                        headers=headers, ping=PING_S,
-                                       background=BackgroundTask(run.close))
+                                       background=BackgroundTask(run.aclose))
         try:
             text, finish, use, err = await self.watched(request, run.collect())
         finally:
@@ -129,6 +129,10 @@ class _TextRun:
             else:
                 err = value
         return text, finish, use, err
+
+    async def aclose(self):
+        """close() for a BackgroundTask (which runs a plain function in a thread)."""
+        self.close()
 
     def close(self):
         """CANCEL the DECODE if it still runs, release the session (once)."""

@@ -108,6 +108,17 @@ class BrokerLink:
             self.finish(pending)
         return reply
 
+    def ready_replies(self, pending):
+        """The replies already queued for a request, without waiting (a final one among
+        them ends it)."""
+        out = []
+        while not pending.queue.empty():
+            out.append(pending.queue.get_nowait())
+            if out[-1].get("status") != "partial":
+                self.finish(pending)
+                break
+        return out
+
     async def call(self, verb, timeout, agent=None, **fields):
         """Send one request and return its final reply dict (ok or error, never raises)."""
         try:
