@@ -33,8 +33,14 @@ PROMPT = "{agent} says: once upon a time"
 
 # -- the raw llama.cpp loop --------------------------------------------------------------------
 
+@llama_cpp.llama_log_callback
+def _quiet(level, text, user_data):
+    """llama.cpp's log, dropped (the worker keeps its own)."""
+
+
 def raw_loop(model_path, ns, n_ctx, n_predict, gpu, threads):
     """{N: tok/s} of the raw loop (the model loaded once, a context per N)."""
+    llama_cpp.llama_log_set(_quiet, None)
     llama_cpp.llama_backend_init()
     mp_ = llama_cpp.llama_model_default_params()
     mp_.n_gpu_layers = -1 if gpu else 0
@@ -159,7 +165,8 @@ def run_lmx(model, ns, n_ctx, n_predict, card, cpu, procs, max_batch):
     handle = None if cpu else benchlib.nvml_handle()
     if handle is not None:
         ballast = benchlib.start_ballast(handle, card)
-    args = ["--admit-by-parking", "--max-batch", str(max_batch), "--park-ram", "64GiB"]
+    args = ["--admit-by-parking", "--max-batch", str(max_batch), "--park-ram", "64GiB",
+            "--max-agents-per-client", "1024"]
     args += ["--cpu", "--threads", str(len(os.sched_getaffinity(0))), "--vram-total",
              str(card)] if cpu else []
     broker, endpoint, _ = benchlib.start_broker(tempfile.mkdtemp(prefix="lmx-many-"), [model],

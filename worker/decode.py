@@ -44,6 +44,40 @@ def _sample_part(ctx, chains, rows):
     return [chain.sample(ctx, i) for chain, i in zip(chains, rows)]
 
 
+def _contiguous(group, items):
+    """The batch in seat order, with a filler token for every seat between the first and the
+    last one in it that has none, and those fillers [(seq, pos)].
+
+    With one KV stream per seat llama.cpp cuts a batch into micro-batches of consecutive
+    sequence ids only (split_equal, sequential), so seats 0, 2 and 4 would cost three graph
+    evaluations instead of one. A filler is a token at the next position of its (idle or
+    free) seat, evaluated with no logits and removed right after (_unfill): the seat's cells
+    are as before, the batch is one micro-batch. A full seat gets no filler (it would not fit).
+    """
+    items = sorted(items, key=lambda item: item[0])       # stable: a chunk keeps its order
+    present = {item[0] for item in items}
+    fillers = []
+    for seq in range(items[0][0], items[-1][0] + 1):
+        if seq in present:
+            continue
+        slot = group.seats[seq]
+        pos = slot.n_past if slot is not None else 0
+        if slot is None or pos < slot.n_ctx:
+            fillers.append((seq, pos))
+    if not fillers:
+        return items, fillers
+    merged = items + [(seq, pos, 0, None) for seq, pos in fillers]
+    return sorted(merged, key=lambda item: item[0]), fillers
+
+
+def _unfill(group, fillers):
+    """Remove the filler tokens from their seats (their cells only)."""
+    if fillers:
+        mem = llama_cpp.llama_get_memory(group.ctx)
+        for seq, pos in fillers:
+            llama_cpp.llama_memory_seq_rm(mem, seq, pos, -1)
+
+
 class Run:
     """One DECODE in progress: its slot, what it generated, its clocks."""
 
@@ -151,12 +185,17 @@ class DecodeMixin:
         finished = []
         for group_runs in by_group.values():
             group = group_runs[0].slot.group
-            rows, items, width = self._plan_batch(group, group_runs)
+            items, width = self._plan_batch(group, group_runs)
             if not items:
                 continue
             for run in group_runs:
                 run.batch = max(run.batch, width)
-            self._decode_batch(group, items)
+            items, fillers = _contiguous(group, items)
+            try:
+                self._decode_batch(group, items)
+            finally:
+                _unfill(group, fillers)
+            rows = [item[3] for item in items if item[3] is not None]
             now = time.perf_counter()
             for run, tok in zip(rows, self._picks(group, rows)):
                 if run.t_prompt is None:
@@ -166,17 +205,16 @@ class DecodeMixin:
         return finished
 
     def _plan_batch(self, group, runs):
-        """(the runs that get a token this step, [(seq, pos, token, logits)], how many runs
-        are in the batch): every run with one pending token first (a row each), then prompt
-        chunks in the room left of n_batch, oldest run first; a run whose prompt ends in this
-        batch gets its row."""
-        items, rows, chunks = [], [], []
+        """([(seq, pos, token, the run whose row it is, or None)], how many runs are in the
+        batch): every run with one pending token (a row each), then prompt chunks in the
+        room left of n_batch, oldest run first; a run whose prompt ends in this batch gets its
+        row at its last token."""
+        items, chunks = [], []
         for run in runs:
             slot = run.slot
             if len(slot.pending) == 1:
-                items.append((slot.seq, slot.n_past, slot.pending[0], True))
+                items.append((slot.seq, slot.n_past, slot.pending[0], run))
                 slot.tokens.append(slot.pending.pop())
-                rows.append(run)
             elif slot.pending:
                 chunks.append(run)
         room = group.spec.n_batch - len(items)
@@ -187,14 +225,12 @@ class DecodeMixin:
             width += 1
             slot = run.slot
             part, slot.pending = slot.pending[:room], slot.pending[room:]
-            done = not slot.pending
-            items += [(slot.seq, slot.n_past + j, t, done and j == len(part) - 1)
+            last = len(part) - 1 if not slot.pending else -1
+            items += [(slot.seq, slot.n_past + j, t, run if j == last else None)
                       for j, t in enumerate(part)]
             slot.tokens.extend(part)
             room -= len(part)
-            if done:
-                rows.append(run)
-        return rows, items, width
+        return items, width
 
     def _picks(self, group, rows):
         """Each row's token: one vectorized argmax over the greedy (DECODE) rows, and each
@@ -234,8 +270,9 @@ class DecodeMixin:
         return picks
 
     def _decode_batch(self, group, items):
-        """llama_decode one batch of (seq, pos, token, logits); self._out_index: the batch
-        index of each output, in order (what a sampler chain reads)."""
+        """llama_decode one batch of (seq, pos, token, run or None: whether its logits are
+        kept); self._out_index: the batch index of each output, in order (what a sampler
+        chain reads)."""
         n = len(items)
         if n > self._batch_size:
             if self._batch is not None:
@@ -244,7 +281,8 @@ class DecodeMixin:
             self._batch = llama_cpp.llama_batch_init(self._batch_size, 0, 1)
         b = self._batch
         self._out_index = []
-        for i, (seq, pos, tok, out) in enumerate(items):
+        for i, (seq, pos, tok, run) in enumerate(items):
+            out = run is not None
             b.token[i], b.pos[i], b.n_seq_id[i] = tok, pos, 1
             b.seq_id[i][0] = seq
             b.logits[i] = out

@@ -33,7 +33,8 @@ def start_register(core, op):
     if denial is None:
         send_register(core, op)
         return
-    if not (cfg.admit_by_parking and not core.room and denial.reason == Reason.CAP):
+    if not (cfg.admit_by_parking and not core.room and
+            denial.reason in (Reason.CAP, Reason.OTHER_PROCESSES)):
         raise _deny(core, op, denial)
     core.room.append(op)        # room.pump plans the parking, then books and sends it
 
