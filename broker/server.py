@@ -271,6 +271,9 @@ class Broker:
             self._dispatch(WorkerResult(msg.id, Result.from_wire(f), now, time.time()))
         elif msg.verb == "TOKEN":
             self._dispatch(WorkerToken(msg.id, f["index"], f["token"], f["text"], now))
+        elif msg.verb == "TOKENS":
+            for job, index, token, text in f["tokens"]:
+                self._dispatch(WorkerToken(job, index, token, text, now))
         else:
             device = f.get("device")
             self._dispatch(WorkerHeartbeat(DeviceReading.from_wire(device) if device else

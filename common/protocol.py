@@ -120,6 +120,8 @@ WORKER_EVENTS = {
     "HEARTBEAT": {"device": Field(dict, False)},
     "RESULT": {"status": Field(str)},
     "TOKEN": {"index": Field(int), "token": Field(int), "text": Field(str)},
+    # every streamed token of one step: [[job id, index, token, text], ...]
+    "TOKENS": {"tokens": Field(list)},
 }
 
 VERB_HELP = {

@@ -296,7 +296,8 @@ def test_context_full_and_truncate_middle(engine, agents):
 
 
 def test_the_scheduler_runs_a_streamed_chat(smol_path):
-    """CHAT through the Scheduler: TOKEN events carry the deltas, the RESULT a ChatResult."""
+    """CHAT through the Scheduler: TOKENS events (one per step) carry the deltas, before the
+    RESULT with its ChatResult."""
     import time
     import msgpack
     from lmx.common.jobs import RegisterJob, Result
@@ -320,8 +321,13 @@ def test_the_scheduler_runs_a_streamed_chat(smol_path):
             sched._round()
         results = {m["id"]: Result.from_wire(m) for m in sock.sent if m["verb"] == "RESULT"}
         chat = ChatResult.from_wire(results[2].out)
-        deltas = [m["text"] for m in sock.sent if m["verb"] == "TOKEN" and m["id"] == 2]
-        assert "".join(deltas) == chat.content and chat.completion_tokens >= 1
+        deltas = [(i, t[3]) for i, m in enumerate(sock.sent) if m["verb"] == "TOKENS"
+                  for t in m["tokens"] if t[0] == 2]
+        assert "".join(text for _, text in deltas) == chat.content
+        assert chat.completion_tokens >= 1
+        result_at = next(i for i, m in enumerate(sock.sent) if m["verb"] == "RESULT" and
+                         m["id"] == 2)
+        assert deltas and max(i for i, _ in deltas) < result_at
         assert results[3].error["code"] == Code.BAD_REQUEST
         assert results[3].error["field"] == "grammar"
     finally:

@@ -58,6 +58,7 @@ class Model:
         self.nvml_delta = nvml_delta
         self.ptr = ptr
         self.vocab = llama_cpp.llama_model_get_vocab(ptr)
+        self._pieces = {}         # (token, special) -> bytes
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         raw = llama_cpp.llama_model_chat_template(ptr, None)
@@ -86,7 +87,15 @@ class Model:
         return list(buf[:n])
 
     def piece(self, token, special=False):
-        """One token's bytes (special: control tokens as their text, else as nothing)."""
+        """One token's bytes (special: control tokens as their text, else as nothing);
+        remembered per token (the stream asks for every token of every agent)."""
+        key = (token, special)
+        got = self._pieces.get(key)
+        if got is None:
+            got = self._pieces[key] = self._piece(token, special)
+        return got
+
+    def _piece(self, token, special):
         buf = ctypes.create_string_buffer(64)
         n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
         if n < 0:

@@ -49,6 +49,7 @@ class Scheduler:
     def __init__(self, engine, sock, cancelled, quantum=4):
         self.engine, self.sock, self.cancelled = engine, sock, cancelled
         self.quantum = max(1, quantum)
+        self.tokens = []        # (job id, index, token, text) streamed in this step
         self.waiting = collections.OrderedDict()   # agent -> deque of Incoming
         self.running = {}                           # agent -> (Incoming, engine Run)
 
@@ -146,6 +147,8 @@ class Scheduler:
         except Exception as exc:  # a bug must not kill the worker: report it
             log.exception("worker: DECODE failed")
             return runs, LmxError(Code.INTERNAL, f"worker error in DECODE: {exc}")
+        finally:
+            self._flush_tokens()
 
     def _start_next(self, agent):
         """Pop the agent's next job; start a DECODE (True) or finish anything else."""
@@ -210,6 +213,7 @@ class Scheduler:
 
     def _reply(self, item, out=None, error=None):
         """The job's one RESULT: the verb's record or the error, the slot, the engine."""
+        self._flush_tokens()                # its tokens before its result
         self.cancelled.discard(item.id)
         agent = getattr(item.job, "agent", None)
         if error is not None:
@@ -225,9 +229,15 @@ class Scheduler:
 
     def _stream(self, item):
         def on_token(index, token, text):
-            self.sock.send_multipart(protocol.encode_request(
-                "TOKEN", item.id, index=index, token=token, text=text))
+            self.tokens.append((item.id, index, token, text))
         return on_token
+
+    def _flush_tokens(self):
+        """The streamed tokens of a step, in one TOKENS event (one message per step, not per
+        token: the per-message cost was the worker's ceiling at 64 agents)."""
+        if self.tokens:
+            self.sock.send_multipart(protocol.encode_request("TOKENS", 0, tokens=self.tokens))
+            self.tokens = []
 
     def _should_stop(self, item):
         """should_stop for a DECODE: the broker's CANCEL, or its deadline passing."""
