@@ -110,3 +110,25 @@ def test_chat_bench_tiny(tiny):
     assert r["cached_tokens"] < r["prompt_tokens"] and r["speedup"] > 0
     [s] = out["sampling"]
     assert s["n"] == 2 and s["greedy_tok_s"] > 0 and s["sampled_tok_s"] > 0
+
+
+def test_many_agents_tiny(tiny, tmp_path):
+    """lmx against the raw loop, N = 2 and 4 streaming agents: every token counted, no
+    context built during a round (the agents were seated by the warm-up)."""
+    text = run("many_agents.py", "--cpu", "--model", tiny[0], "--n", "2", "--n", "4",
+               "--n-ctx", "256", "--n-predict", "8", "--card", "1GiB", "--procs", "1",
+               "--out", str(tmp_path))
+    got = json.loads((tmp_path / "many_agents.json").read_text())
+    rows = got["rows"]
+    assert set(got["raw"]) == {"2", "4"} and all(v > 0 for v in got["raw"].values())
+    assert [rows[n]["tokens"] for n in ("2", "4")] == [16, 32]
+    assert all(rows[n]["context_builds"] == 0 for n in rows)
+    assert "| 4 |" in text and (tmp_path / "many_agents.md").exists()
+
+
+def test_seat_bytes_tiny(tiny):
+    out = json.loads(run("seat_bytes.py", "--cpu", "--model", tiny[0], "--agents", "4",
+                         "--tokens", "8").strip().splitlines()[-1])
+    assert out["states_equal_byte_for_byte"] == "2 of 2"
+    assert out["restored_into_another_seat"] == "2 of 2"
+    assert out["context_builds_during_parking"] == 0
