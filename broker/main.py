@@ -25,6 +25,16 @@ def _size(ctx, param, value):
         raise click.BadParameter(str(exc)) from None
 
 
+def _listen(ctx, param, value):
+    if value is None:
+        return None
+    from lmx.broker.metrics import parse_listen
+    try:
+        return parse_listen(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _private_worker_endpoint():
     """An ipc endpoint in a fresh 0700 directory (mkdtemp's mode), and that directory."""
     folder = tempfile.mkdtemp(prefix="lmx-broker-")
@@ -107,6 +117,8 @@ def _private_worker_endpoint():
 @click.option("--chat-template", "chat_templates", multiple=True, metavar="MODEL=TEMPLATE",
               help="Set or override a model's chat template for CHAT (repeatable): MODEL is a "
               "table key or a GGUF path, TEMPLATE a built-in name (chatml) or a jinja file.")
+@click.option("--metrics", "metrics", default=None, metavar="HOST:PORT", callback=_listen,
+              help="Serve Prometheus metrics on http://HOST:PORT/metrics [default: off].")
 @click.option("--log-level", default="INFO", show_default=True)
 def main(**opts):
     """Run the lmx broker (and, by default, its worker) until SIGINT/SIGTERM."""
@@ -119,7 +131,7 @@ def main(**opts):
         opts["worker_endpoint"], private = _private_worker_endpoint()
     code = 0
     try:
-        broker = Broker(_config(opts))
+        broker = Broker(_config(opts), metrics=opts["metrics"])
         # Signal handlers do no work: they ask the loop to stop.
         signal.signal(signal.SIGTERM, lambda *_: setattr(broker, "stop", True))
         signal.signal(signal.SIGINT, lambda *_: setattr(broker, "stop", True))

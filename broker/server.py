@@ -119,7 +119,7 @@ class WorkerProcess:
 class Broker:
     """Sockets, the worker process and the loop around one Core."""
 
-    def __init__(self, config, ctx=None):
+    def __init__(self, config, ctx=None, metrics=None):
         self.config = config
         self.ctx = ctx or zmq.Context()
         state = config.state_dir
@@ -137,6 +137,11 @@ class Broker:
         self._status = (None, None)          # (revision, CachedReply)
         self._respawn_at = None
         self._slow = set()
+        self.metrics = None
+        if metrics is not None:          # (host, port): Prometheus metrics (broker/metrics.py)
+            from lmx.broker.metrics import Metrics
+            self.metrics = Metrics(self.core)
+            self.metrics.serve(*metrics)
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -228,6 +233,8 @@ class Broker:
                 sock.close()
         if self.auth is not None:
             self.auth.stop()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.lock is not None:
             self.lock.release()
 
@@ -285,6 +292,8 @@ class Broker:
         except Exception:  # a core bug must never kill the loop
             log.exception("broker: the core failed on %s", type(event).__name__)
             return
+        if self.metrics is not None:     # first: a client that got a reply sees it counted
+            self.metrics.observe(event, actions)
         for action in actions:
             self._carry_out(action)
 
