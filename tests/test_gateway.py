@@ -298,7 +298,8 @@ def test_a_client_that_gives_up_on_a_plain_request_cancels_it(stack, path, body)
         httpx.post(stack[1].url + path, json=dict(body, model="smol", max_tokens=900),
                    headers=headers, timeout=httpx.Timeout(30, read=1.0))
     agent = agent_id("gw", "all", "smol", "c" if "chat" in path else "t", "h:quitter")
-    wait_until(lambda: agents(stack[0])[agent]["queue_depth"] == 0, 20,
+    # (the agent may still be registering when the client gives up on a busy machine)
+    wait_until(lambda: agents(stack[0]).get(agent, {}).get("queue_depth") == 0, 20,
                what="the abandoned request to end")
     assert 0 < agents(stack[0])[agent]["generated_tokens"] < 900
 
