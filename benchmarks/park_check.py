@@ -29,14 +29,7 @@ PROMPTS = ["Hello, my name is", "The capital of France is", "Once upon a time",
 
 
 def together(eng, agents, prompts, n):
-    runs = [eng.start(a, p, n) for a, p in zip(agents, prompts)]
-    eng.prepare(runs)
-    done = {}
-    while runs:
-        for run in eng.step(runs):
-            done[run.agent] = run.result
-        runs = [r for r in runs if r.result is None]
-    return done
+    return eng.run_all([eng.start(a, p, n) for a, p in zip(agents, prompts)])
 
 
 @click.command()

@@ -44,11 +44,8 @@ def cells(engine, slot):
 
 
 def together(engine, agents, prompts, n):
-    runs = [engine.start(a, p, n) for a, p in zip(agents, prompts)]
-    engine.prepare(runs)
-    while any(r.result is None for r in runs):
-        engine.step([r for r in runs if r.result is None])
-    return {r.agent: r.result.tokens for r in runs}
+    done = engine.run_all([engine.start(a, p, n) for a, p in zip(agents, prompts)])
+    return {agent: result.tokens for agent, result in done.items()}
 
 
 @click.command()

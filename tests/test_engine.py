@@ -91,14 +91,7 @@ PROMPTS = ["Hello, my name is", "The capital of France is", "Once upon a time",
 
 
 def _run_together(eng, agents, prompts, n):
-    runs = [eng.start(a, p, n) for a, p in zip(agents, prompts)]
-    eng.prepare(runs)
-    done = []
-    while runs:
-        finished = eng.step(runs)
-        done += finished
-        runs = [r for r in runs if r not in finished]
-    return {r.agent: r.result for r in done}
+    return eng.run_all([eng.start(a, p, n) for a, p in zip(agents, prompts)])
 
 
 def _parked_in(eng):
@@ -354,5 +347,42 @@ def test_the_scheduler_answers_each_job_with_one_typed_result(smol_path):
         assert results[4].slot.parked == "ram" and results[4].engine.parked_ram_bytes > 0
         assert results[5].ok and results[5].slot is None and results[5].out == {
             "model_freed": True}
+    finally:
+        eng.close()
+
+
+def test_a_resize_carries_every_member_and_parking_never_rebuilds(smol_path):
+    """Seats as the broker places them: 4 agents in a group of 8; parking and restoring swap
+    seats without a build; RESIZE shrinks the group to its members, packed to the first seats,
+    and each conversation continues exactly as a never-resized twin's."""
+    from lmx.worker.engine import Engine
+    eng = Engine(2, gpu=False, pinned=False)
+    agents, twins = ["a0", "a1", "a2", "a3"], ["t0", "t1"]
+    try:
+        for name in agents:
+            eng.register(name, smol_path, ContextSpec(n_ctx=512), seat={"group": 7,
+                                                                        "capacity": 8})
+        for name in twins:
+            eng.register(name, smol_path, ContextSpec(n_ctx=512, n_batch=256))
+        group = eng.group(7)
+        assert (group.capacity, len(group.members), group.builds) == (8, 4, 1)
+        first = _run_together(eng, agents + twins, PROMPTS + PROMPTS[1:4:2], 8)
+        builds = eng.context_builds
+        eng.park("a0", BIG, False)                       # a free seat: no build
+        eng.make_live([eng.slots["a0"]])                 # back into a free seat: no build
+        assert group.builds == 1 and eng.context_builds == builds
+        eng.reclaim(7, 4)                                # shrink to the members
+        assert (group.capacity, group.builds) == (4, 2)
+        assert sorted(s.seq for s in group.members) == [0, 1, 2, 3]
+        then = _run_together(eng, agents + twins, [" and then"] * 6, 8)
+        for name, twin in (("a1", "t0"), ("a3", "t1")):
+            assert first[name].tokens == first[twin].tokens
+            assert then[name].tokens == then[twin].tokens
+        with pytest.raises(LmxError):                    # fewer seats than members: refused
+            eng.reclaim(7, 2)
+        for name in agents:
+            eng.unregister(name)
+        eng.reclaim(7, 0)                                # an empty group is freed
+        assert eng.group(7) is None
     finally:
         eng.close()

@@ -51,14 +51,7 @@ def agents(engine, smol_path):
 
 def _together(eng, jobs, on_token=None):
     """Run several CHATs (one per agent) through start_chat/prepare/step together."""
-    runs = [eng.start_chat(j.agent, j, on_token=on_token) for j in jobs]
-    eng.prepare(runs)
-    done = {}
-    while runs:
-        for run in eng.step(runs):
-            done[run.agent] = run.result
-        runs = [r for r in runs if r.result is None]
-    return done
+    return eng.run_all([eng.start_chat(j.agent, j, on_token=on_token) for j in jobs])
 
 
 def _conversation(eng, agent, turns, max_tokens=96):

@@ -15,15 +15,9 @@ import pytest
 from conftest import BrokerProc, wait_until
 from lmx.gateway.launch import GatewayProc, free_port, toml_config
 from lmx.gateway.sessions import agent_id
+from test_chat_e2e import SCHEMA, WEATHER    # the same schema and tool as the CHAT tests
 
 ALL_KEY, SMOL_KEY = "sk-test-every-model", "sk-test-smol-only"
-SCHEMA = {"type": "object", "properties": {"name": {"type": "string"},
-                                           "age": {"type": "integer"}},
-          "required": ["name", "age"]}
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                   "required": ["city"]}}}
 LONG = "Tell a long story about a lighthouse keeper."     # greedy SmolLM2: 400+ tokens
 FORCE_WEATHER = {"type": "function", "function": {"name": "get_weather"}}
 

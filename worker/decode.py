@@ -162,6 +162,25 @@ class DecodeMixin:
         finally:
             run.close()
 
+    def run_all(self, runs):
+        """Make started runs live and step them together to their ends (tests, tools); their
+        results by agent. A run whose restore failed is answered by its STATE_LOST error."""
+        try:
+            self.prepare(runs)
+            done = {}
+            for run in runs:
+                lost = self.lost.pop(run.agent, None)
+                if lost is not None:
+                    raise lost
+            while runs:
+                for run in self.step(runs):
+                    done[run.agent] = run.result
+                runs = [r for r in runs if r.result is None]
+            return done
+        finally:
+            for run in runs:
+                run.close()
+
     def prepare(self, runs, seats=None):
         """Seat every run's agent (restoring parked state) before its first step; seats:
         agent -> the broker's placement. A run whose state could not be restored (its agent in
