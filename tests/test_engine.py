@@ -386,3 +386,26 @@ def test_a_resize_carries_every_member_and_parking_never_rebuilds(smol_path):
         assert eng.group(7) is None
     finally:
         eng.close()
+
+
+def test_fillers_never_push_a_batch_past_n_batch(smol_path):
+    """Two long prompts at the far ends of a group of 8 seats with n_batch 32: the seats between
+    them need fillers (a batch must be contiguous in seats), and the prompt chunks leave room
+    for them, so no llama_decode gets more than n_batch tokens (llama.cpp aborts the process on
+    that); both continue exactly as a solo twin."""
+    from lmx.worker.engine import Engine
+    eng = Engine(2, gpu=False, pinned=False)
+    spec = dict(n_ctx=256, n_batch=32, n_ubatch=32)
+    long = "The quick brown fox jumps over the lazy dog, and then it runs far away into the wood"
+    try:
+        for i in range(8):
+            eng.register(f"a{i}", smol_path, ContextSpec(**spec), seat={"group": 3,
+                                                                       "capacity": 8})
+        eng.register("twin", smol_path, ContextSpec(**spec))
+        assert len(eng.slots["a0"].model.tokenize(long, True)) > 16
+        assert (eng.slots["a0"].seq, eng.slots["a7"].seq) == (0, 7)
+        both = eng.run_all([eng.start("a7", long, 6), eng.start("a0", long, 6)])
+        solo = eng.run_all([eng.start("twin", long, 6)])["twin"]
+        assert both["a7"].tokens == both["a0"].tokens == solo.tokens
+    finally:
+        eng.close()

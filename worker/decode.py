@@ -227,7 +227,11 @@ class DecodeMixin:
         """([(seq, pos, token, the run whose row it is, or None)], how many runs are in the
         batch): every run with one pending token (a row each), then prompt chunks in the
         room left of n_batch, oldest run first; a run whose prompt ends in this batch gets its
-        row at its last token."""
+        row at its last token.
+
+        Every seat of the group without a token in the batch may need a filler
+        (_contiguous), so a token is kept back for each of them: rows + chunks + fillers
+        never pass n_batch (llama_decode aborts the process on a larger batch)."""
         items, chunks = [], []
         for run in runs:
             slot = run.slot
@@ -236,9 +240,10 @@ class DecodeMixin:
                 slot.tokens.append(slot.pending.pop())
             elif slot.pending:
                 chunks.append(run)
-        room = group.spec.n_batch - len(items)
+        room = group.spec.n_batch - group.capacity       # a token kept for every seat
         width = len(items)
         for run in chunks:
+            room += 1                                       # its seat's token is its own
             if room <= 0:
                 break
             width += 1
@@ -293,6 +298,9 @@ class DecodeMixin:
         kept); self._out_index: the batch index of each output, in order (what a sampler
         chain reads)."""
         n = len(items)
+        if n > group.spec.n_batch:        # llama.cpp would abort the process (GGML_ASSERT)
+            raise LmxError(Code.INTERNAL, f"a batch of {n} tokens is larger than n_batch "
+                           f"{group.spec.n_batch} (a worker bug); not decoded")
         if n > self._batch_size:
             if self._batch is not None:
                 llama_cpp.llama_batch_free(self._batch)
