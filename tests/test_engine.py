@@ -313,6 +313,60 @@ class _Frames:
         self.sent.append(msgpack.unpackb(frames[0]))
 
 
+class _Watched(_Frames):
+    """_Frames that lets the test wait for a message (sent from the scheduler's thread)."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+        self.cond = threading.Condition()
+
+    def send_multipart(self, frames):
+        with self.cond:
+            super().send_multipart(frames)
+            self.cond.notify_all()
+
+    def wait_for(self, pred, timeout=120):
+        with self.cond:
+            assert self.cond.wait_for(lambda: any(pred(m) for m in self.sent), timeout)
+
+
+def test_a_newcomer_joins_the_next_step_not_the_next_quantum(smol_path):
+    """With a quantum of 1000 steps, a DECODE arriving while another runs joins its next step:
+    the short one (2 tokens) finishes long before the long one (120), batched with it."""
+    import queue
+    import threading
+    import time
+    from lmx.common.jobs import DecodeJob, RegisterJob, Result
+    from lmx.worker.engine import Engine
+    from lmx.worker.scheduler import Incoming, Scheduler
+    eng, sock = Engine(2, gpu=False, pinned=False), _Watched()
+    sched, jobs = Scheduler(eng, sock, set(), quantum=1000), queue.Queue()
+    thread = threading.Thread(target=sched.run, args=(jobs,))
+    thread.start()
+
+    def put(i, job):
+        jobs.put(Incoming(i, job.VERB, job, time.monotonic()))
+    try:
+        for i, name in ((1, "long"), (2, "short")):
+            put(i, RegisterJob(name, smol_path, ContextSpec(n_ctx=512).as_dict()))
+        sock.wait_for(lambda m: m["verb"] == "RESULT" and m["id"] == 2)
+        put(3, DecodeJob("long", PROMPTS[0], 120, stream=True))
+        sock.wait_for(lambda m: m["verb"] == "TOKENS" and any(t[0] == 3 for t in m["tokens"]))
+        put(4, DecodeJob("short", PROMPTS[1], 2))
+        sock.wait_for(lambda m: m["verb"] == "RESULT" and m["id"] == 3)
+    finally:
+        jobs.put(None)
+        thread.join(120)
+        eng.close()
+    order = [m["id"] for m in sock.sent if m["verb"] == "RESULT"]
+    assert order.index(4) < order.index(3)
+    results = {m["id"]: Result.from_wire(m) for m in sock.sent if m["verb"] == "RESULT"}
+    long, short = (DecodeResult.from_wire(results[i].out) for i in (3, 4))
+    assert long.generated_tokens == 120 and short.generated_tokens == 2
+    assert short.batch == 2
+
+
 def test_the_scheduler_answers_each_job_with_one_typed_result(smol_path):
     """REGISTER, DECODE, PARK (with a DECODE in flight: INTERNAL), PARK, UNREGISTER: one
     RESULT each, whose fields are jobs.Result's, the verb's record in out."""

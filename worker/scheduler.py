@@ -5,8 +5,9 @@ thread received it). Each agent has a FIFO of its DECODEs, CHATs and its UNREGIS
 requests keep their order. Every agent with a running DECODE is seated in a group (seats.py);
 each step evaluates one token of every running agent of a group in one llama_decode, so agents
 on one model are batched and none starves; groups (different models or specs) take turns of
-`quantum` steps, and new jobs are taken between turns, so a short request is not stuck behind a
-long one. REGISTER, PARK and RESIZE run as soon as they arrive; the broker sends PARK only for
+`quantum` steps, and new jobs are taken between turns; a turn ends after one step when jobs
+are waiting, so a newcomer joins the running agents' next step (its time to first token is a
+step, not a quantum) and a short request is not stuck behind a long one. REGISTER, PARK and RESIZE run as soon as they arrive; the broker sends PARK only for
 an agent with no work in flight, so a PARK for one with work here is a broker bug (INTERNAL).
 Each step also carries chunks of newcomers' prompts (decode.py). A DECODE or CHAT cancelled
 or past its deadline before it starts is answered without running; once running it stops at
@@ -52,9 +53,11 @@ class Scheduler:
         self.tokens = []        # (job id, index, token, text) streamed in this step
         self.waiting = collections.OrderedDict()   # agent -> deque of Incoming
         self.running = {}                           # agent -> (Incoming, engine Run)
+        self.jobs = None
 
     def run(self, jobs):
         """Until a None arrives on jobs: take jobs, then give every agent with work a turn."""
+        self.jobs = jobs
         while True:
             block = not (self.waiting or self.running)
             try:
@@ -127,8 +130,13 @@ class Scheduler:
                 for run in finished:
                     self._end(run, error)
                 runs = [r for r in runs if r not in finished]
-                if not runs:
+                if not runs or self._jobs_waiting():
                     break
+
+    def _jobs_waiting(self):
+        """New jobs arrived: end this group's turn after one step, so a newcomer joins the
+        next step instead of waiting out the quantum (the next groups still get their step)."""
+        return self.jobs is not None and not self.jobs.empty()
 
     def _drop_lost(self):
         """End every running DECODE whose conversation was reset because its saved state
