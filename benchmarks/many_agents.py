@@ -9,8 +9,9 @@ and one argmax over the batch's logits; tok/s = N x --n-predict / wall time.
 
 lmx: a broker (its worker on the GPU, or --cpu) on an emulated card of --card bytes (a ballast
 process holds the rest of the GPU; on CPU the size is declared), --admit-by-parking, N agents
-registered on the model, and N streaming clients (in --procs client processes, so the clients'
-own Python does not throttle the measurement) each decoding --n-predict tokens at once. A
+registered on the model, and N streaming clients (a socket each, in --procs client processes
+of one polling thread each, so the clients' own Python does not throttle the measurement)
+each decoding --n-predict tokens at once. A
 4-token warm-up round seats the agents first; the timed round is the steady state. Printed per
 N: aggregate tok/s, the ratio to the raw loop at the same N (and, past the raw loop's largest
 N, to its figure there), TTFT p50/p99, parks and restores during the round, and the context
@@ -103,33 +104,44 @@ def _decode(ctx, b, items):
 # -- lmx: streaming clients in a few processes -------------------------------------------------
 
 def _client_proc(endpoint, agents, n_predict, start_at, queue):
-    """Every agent of this process streams one DECODE (a thread each), starting at start_at."""
-    import threading
+    """Every agent of this process streams one DECODE, all sent at start_at; one thread polls
+    every agent's socket (a thread per agent made the clients' GIL part of the measurement)."""
+    import zmq
+    from lmx.common import protocol
     from lmx.common.client import Client
-    rows = []
-
-    def run(agent):
-        with Client(endpoint, timeout=600) as c:
-            delay = start_at - time.time()
-            if delay > 0:
-                time.sleep(delay)
-            t0, first, final = time.time(), None, None
-            for r in c.decode_stream(agent, PROMPT.format(agent=agent), n_predict):
-                if r["status"] == "partial" and first is None:
-                    first = time.time()
-                elif r["status"] != "partial":
-                    final = r
-            rows.append(dict(agent=agent, t0=t0, first=first, end=time.time(),
-                             tokens=final["generated_tokens"],
-                             restored=bool(final["kv_swap_restored"]),
-                             parked=len(final.get("kv_swap_parked") or [])))
-
-    threads = [threading.Thread(target=run, args=(a,)) for a in agents]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    queue.put(rows)
+    ctx = zmq.Context()
+    clients = {a: Client(endpoint, timeout=600, ctx=ctx) for a in agents}
+    by_sock = {c.socket: a for a, c in clients.items()}
+    poller = zmq.Poller()
+    for sock in by_sock:
+        poller.register(sock, zmq.POLLIN)
+    rows, t0, first = {}, {}, {}
+    time.sleep(max(0.0, start_at - time.time()))
+    for agent, c in clients.items():
+        t0[agent] = time.time()
+        c.send("DECODE", agent=agent, prompt=PROMPT.format(agent=agent), n_predict=n_predict,
+               stream=True)
+    while len(rows) < len(agents):
+        for sock, _ in poller.poll(600_000):
+            agent = by_sock[sock]
+            while True:
+                try:
+                    r = protocol.decode_reply(sock.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+                if r["status"] == "partial":
+                    first.setdefault(agent, time.time())
+                elif r["status"] != "ok":
+                    raise RuntimeError(f"{agent}: {r}")
+                else:
+                    rows[agent] = dict(agent=agent, t0=t0[agent], first=first.get(agent),
+                                       end=time.time(), tokens=r["generated_tokens"],
+                                       restored=bool(r["kv_swap_restored"]),
+                                       parked=len(r.get("kv_swap_parked") or []))
+    for c in clients.values():
+        c.close()
+    ctx.term()
+    queue.put(list(rows.values()))
 
 
 def lmx_round(endpoint, agents, n_predict, procs):

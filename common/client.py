@@ -32,6 +32,12 @@ class Client:
         self._ids = itertools.count(1)
         self._waiting = {}            # request id -> replies received but not yet read
 
+    @property
+    def socket(self):
+        """The DEALER socket, for a zmq.Poller over many clients in one thread (read it with
+        protocol.decode_reply; send() still assigns the request ids)."""
+        return self._sock
+
     def send(self, verb, **fields):
         """Send one request without waiting; return its id (for replies() and CANCEL)."""
         msg_id = next(self._ids)

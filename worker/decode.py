@@ -1,16 +1,17 @@
 """Decoding on the engine's groups: a DECODE's Run, and one token for every running agent of a
 group per llama_decode (mixed into Engine).
 
-Each step puts into one llama_batch the pending token of every running agent of a group, then
-fills what is left of the batch (the spec's n_batch) with chunks of the prompts still to be
-evaluated, oldest first: continuous batching, so a newcomer's long prompt rides along with the
-running agents' tokens instead of stalling them. One llama_decode; every greedy row's argmax
-at once, every sampled (CHAT) row through its own chain. A prompt whose last chunk went in gets
-its first token in the same step. The sampled token stays pending until the next step, so
+Each step evaluates the pending token of every running agent of a group in one llama_decode,
+and chunks of newcomers' prompts in a second one (batchplan.py plans both so that each is one
+ubatch): continuous batching, so a newcomer's long prompt rides along with the running agents'
+tokens instead of stalling them. Every greedy row's argmax at once, every sampled (CHAT) row
+through its own chain. A prompt whose last chunk went in gets its first token in the same step.
+The sampled token stays pending until the next step, so
 whatever happens between steps (a park, a resize) loses nothing.
 """
 import llama_cpp  # noqa: I001  -- must precede numpy: the CUDA load segfaulted otherwise
 
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ import numpy as np
 
 from lmx.common.errors import Code, LmxError, Reason
 from lmx.common.jobs import DecodeResult
+from lmx.worker import batchplan
 from lmx.worker.model import Emitter
 
 
@@ -38,36 +40,12 @@ def run_stats(run, t_first):
 
 
 SAMPLER_THREADS = max(1, min(8, len(os.sched_getaffinity(0))))
+log = logging.getLogger("lmx.worker")
+TRACE = os.environ.get("LMX_TRACE_STEPS") == "1"   # a debug line per step: what it carried
 
 
 def _sample_part(ctx, chains, rows):
     return [chain.sample(ctx, i) for chain, i in zip(chains, rows)]
-
-
-def _contiguous(group, items):
-    """The batch in seat order, with a filler token for every seat between the first and the
-    last one in it that has none, and those fillers [(seq, pos)].
-
-    With one KV stream per seat llama.cpp cuts a batch into micro-batches of consecutive
-    sequence ids only (split_equal, sequential), so seats 0, 2 and 4 would cost three graph
-    evaluations instead of one. A filler is a token at the next position of its (idle or
-    free) seat, evaluated with no logits and removed right after (_unfill): the seat's cells
-    are as before, the batch is one micro-batch. A full seat gets no filler (it would not fit).
-    """
-    items = sorted(items, key=lambda item: item[0])       # stable: a chunk keeps its order
-    present = {item[0] for item in items}
-    fillers = []
-    for seq in range(items[0][0], items[-1][0] + 1):
-        if seq in present:
-            continue
-        slot = group.seats[seq]
-        pos = slot.n_past if slot is not None else 0
-        if slot is None or pos < slot.n_ctx:
-            fillers.append((seq, pos))
-    if not fillers:
-        return items, fillers
-    merged = items + [(seq, pos, 0, None) for seq, pos in fillers]
-    return sorted(merged, key=lambda item: item[0]), fillers
 
 
 def _unfill(group, fillers):
@@ -195,66 +173,52 @@ class DecodeMixin:
                 run.go_live(self)
 
     def step(self, runs):
-        """One step for every run (all live): per group a single llama_decode with the
-        pending token of each running agent and chunks of prompts; return the runs that
-        finished (their .result, a DecodeResult or ChatResult, is set)."""
+        """One step for every run (all live): per group the pending token of each running
+        agent in one llama_decode, then chunks of newcomers' prompts in another (each one
+        ubatch: batchplan.py); return the runs that finished (their .result, a DecodeResult or
+        ChatResult, is set)."""
         by_group = {}
         for run in runs:
             by_group.setdefault(id(run.slot.group), []).append(run)
         finished = []
         for group_runs in by_group.values():
             group = group_runs[0].slot.group
-            items, width = self._plan_batch(group, group_runs)
-            if not items:
-                continue
+            rows = batchplan.rows_batch(group_runs)
+            fresh = [run for run in group_runs if len(run.slot.pending) > 1]
+            prompts = (batchplan.prompt_batch(group, fresh, group.spec.n_ubatch) if fresh
+                       else None)
+            width = len(rows) + (len(prompts[2]) if prompts else 0)
             for run in group_runs:
                 run.batch = max(run.batch, width)
-            items, fillers = _contiguous(group, items)
-            try:
-                self._decode_batch(group, items)
-            finally:
-                _unfill(group, fillers)
-            rows = [item[3] for item in items if item[3] is not None]
-            now = time.perf_counter()
-            for run, tok in zip(rows, self._picks(group, rows)):
-                if run.t_prompt is None:
-                    run.t_prompt = now
-                if run.take(self, tok):
-                    finished.append(run)
+            if rows:
+                finished += self._run_batch(group, *batchplan.contiguous(group, rows))
+            if prompts:
+                finished += self._run_batch(group, prompts[0], prompts[1])
         return finished
 
-    def _plan_batch(self, group, runs):
-        """([(seq, pos, token, the run whose row it is, or None)], how many runs are in the
-        batch): every run with one pending token (a row each), then prompt chunks in the
-        room left of n_batch, oldest run first; a run whose prompt ends in this batch gets its
-        row at its last token.
-
-        Every seat of the group without a token in the batch may need a filler
-        (_contiguous), so a token is kept back for each of them: rows + chunks + fillers
-        never pass n_batch (llama_decode aborts the process on a larger batch)."""
-        items, chunks = [], []
-        for run in runs:
-            slot = run.slot
-            if len(slot.pending) == 1:
-                items.append((slot.seq, slot.n_past, slot.pending[0], run))
-                slot.tokens.append(slot.pending.pop())
-            elif slot.pending:
-                chunks.append(run)
-        room = group.spec.n_batch - group.capacity       # a token kept for every seat
-        width = len(items)
-        for run in chunks:
-            room += 1                                       # its seat's token is its own
-            if room <= 0:
-                break
-            width += 1
-            slot = run.slot
-            part, slot.pending = slot.pending[:room], slot.pending[room:]
-            last = len(part) - 1 if not slot.pending else -1
-            items += [(slot.seq, slot.n_past + j, t, run if j == last else None)
-                      for j, t in enumerate(part)]
-            slot.tokens.extend(part)
-            room -= len(part)
-        return items, width
+    def _run_batch(self, group, items, fillers):
+        """Decode one planned batch, remove its fillers, give each row its token; the runs
+        that finished."""
+        t0 = time.perf_counter()
+        try:
+            self._decode_batch(group, items)
+        finally:
+            _unfill(group, fillers)
+        rows = [item[3] for item in items if item[3] is not None]
+        t1 = time.perf_counter()
+        picks = self._picks(group, rows) if rows else []
+        now = time.perf_counter()
+        if TRACE:
+            log.info("step: group %s rows %d tokens %d fillers %d decode %.2f ms picks %.2f ms",
+                     group.gid, len(rows), len(items), len(fillers), (t1 - t0) * 1000,
+                     (now - t1) * 1000)
+        finished = []
+        for run, tok in zip(rows, picks):
+            if run.t_prompt is None:
+                run.t_prompt = now
+            if run.take(self, tok):
+                finished.append(run)
+        return finished
 
     def _picks(self, group, rows):
         """Each row's token: one vectorized argmax over the greedy (DECODE) rows, and each
