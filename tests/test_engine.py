@@ -463,3 +463,40 @@ def test_fillers_never_push_a_batch_past_n_batch(smol_path):
         assert both["a7"].tokens == both["a0"].tokens == solo.tokens
     finally:
         eng.close()
+
+
+def test_a_newcomer_between_running_seats_continues_exactly(smol_path):
+    """Agents on seats 0 and 2 are generating when the agent on seat 1 arrives with a long
+    prompt: its prompt goes in chunks while the others' rows step around it (fillers for seat
+    1 in the rows' batch, for seats between in the prompts' batch), and all three continue
+    exactly as solo twins."""
+    from lmx.worker.engine import Engine
+    eng = Engine(2, gpu=False, pinned=False)
+    spec = dict(n_ctx=256, n_batch=32, n_ubatch=32)
+    long = "The quick brown fox jumps over the lazy dog, and then it runs far away into the wood"
+    try:
+        for i in range(3):
+            eng.register(f"a{i}", smol_path, ContextSpec(**spec), seat={"group": 5,
+                                                                       "capacity": 4})
+        eng.register("twin", smol_path, ContextSpec(**spec))
+        eng.run_all([eng.start(f"a{i}", PROMPTS[3], 2) for i in range(3)])   # a history each
+        first = [eng.start("a0", PROMPTS[0], 12), eng.start("a2", PROMPTS[1], 12)]
+        eng.prepare(first)
+        for _ in range(3):
+            assert not eng.step(first)
+        late = eng.start("a1", long, 6)
+        eng.prepare([late])
+        runs, done = first + [late], {}
+        while runs:
+            for run in eng.step(runs):
+                done[run.agent] = run.result
+            runs = [r for r in runs if r.result is None]
+        for agent, prompt, n in (("a0", PROMPTS[0], 12), ("a2", PROMPTS[1], 12),
+                                 ("a1", long, 6)):
+            eng.unregister("twin")
+            eng.register("twin", smol_path, ContextSpec(**spec))
+            eng.run_all([eng.start("twin", PROMPTS[3], 2)])
+            solo = eng.run_all([eng.start("twin", prompt, n)])["twin"]
+            assert done[agent].tokens == solo.tokens, agent
+    finally:
+        eng.close()

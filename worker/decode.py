@@ -184,14 +184,17 @@ class DecodeMixin:
         for group_runs in by_group.values():
             group = group_runs[0].slot.group
             rows = batchplan.rows_batch(group_runs)
+            # the rows' fillers first: planning the prompts moves their tokens into the slots
+            rows = batchplan.contiguous(group, rows) if rows else None
             fresh = [run for run in group_runs if len(run.slot.pending) > 1]
             prompts = (batchplan.prompt_batch(group, fresh, group.spec.n_ubatch) if fresh
                        else None)
-            width = len(rows) + (len(prompts[2]) if prompts else 0)
+            width = (sum(1 for item in rows[0] if item[3] is not None) if rows else 0) + (
+                len(prompts[2]) if prompts else 0)
             for run in group_runs:
                 run.batch = max(run.batch, width)
             if rows:
-                finished += self._run_batch(group, *batchplan.contiguous(group, rows))
+                finished += self._run_batch(group, *rows)
             if prompts:
                 finished += self._run_batch(group, prompts[0], prompts[1])
         return finished
