@@ -362,3 +362,24 @@ def test_a_bug_when_a_request_starts_is_answered_and_never_wedges_its_lane(monke
     ok = h.send("REGISTER", agent="a", model="small")
     h.run_jobs()
     assert h.final(ok)["status"] == "ok"
+
+
+def test_a_seat_taken_over_is_one_in_the_group_where_agents_are_busy():
+    """Two full groups of two seats; a DECODE runs on a (group 2); the least recently used
+    idle agent is d (group 1), but the newcomer takes over c's seat beside a, so the agents
+    that work together share one batch."""
+    h = Harness(total=300 * MiB, admit_by_parking=True)
+    h.core.config.worker.max_batch = 2
+    for name in "dbac":
+        h.send("REGISTER", agent=name, model="small")
+        h.run_jobs()
+    assert {g.gid: sorted(g.members) for g in h.core.groups.values()} == {
+        1: ["b", "d"], 2: ["a", "c"]}
+    assert h.core.ledger.allocated_bytes == h.core.ledger.max_bytes   # full
+    h.send("DECODE", agent="a", prompt="x", n_predict=4)            # a is busy (job in flight)
+    reg = h.send("REGISTER", agent="e", model="small")
+    assert [j.fields["agent"] for j in h.jobs("PARK")] == ["c"]     # not d, the LRU
+    h.run_jobs()
+    assert h.final(reg)["status"] == "ok"
+    assert h.core.agents["e"].gid == h.core.agents["a"].gid == 2
+    assert all(alloc <= cap for alloc, cap in h.ledger_trace)

@@ -98,13 +98,24 @@ def plan(core, op, rec):
     free = core.ledger.max_bytes - core.ledger.allocated_bytes
     if free >= need and not extra:
         return []
-    same = [a for a in idle if a.path == path and a.spec == spec]
+    same = _by_busy_group(core, [a for a in idle if a.path == path and a.spec == spec])
     if same:        # its seat is ours once it parks: no bytes needed
         others = [a for a in idle if a is not same[0]][:max(extra - 1, 0)]
         if len(others) < extra - 1:
             return None
         return [Step("park", v.name) for v in [same[0]] + others]
     return _plan_bytes(core, idle, need - free, extra, (path, spec))
+
+
+def _by_busy_group(core, idle):
+    """Idle agents whose groups have the most busy members first (least recently used first
+    among equals): a seat taken over there joins the running agents' batch, so the agents
+    that work together gather in one group (one llama_decode a step) instead of spreading."""
+    busy = {}
+    for agent in core.agents.values():
+        if agent.live and not core.lane_idle(agent.name):
+            busy[agent.gid] = busy.get(agent.gid, 0) + 1
+    return sorted(idle, key=lambda a: -busy.get(a.gid, 0))
 
 
 def _plan_bytes(core, idle, short, extra, key):
