@@ -383,3 +383,26 @@ def test_a_seat_taken_over_is_one_in_the_group_where_agents_are_busy():
     assert h.final(reg)["status"] == "ok"
     assert h.core.agents["e"].gid == h.core.agents["a"].gid == 2
     assert all(alloc <= cap for alloc, cap in h.ledger_trace)
+
+
+def test_parked_agents_are_swapped_in_together_and_live_runs_pass_their_parks():
+    """Four seats, all taken; three parked agents' DECODEs arrive: their three PARKs go to the
+    worker at once (not one after the other's confirmation), and a live agent's DECODE sent
+    meanwhile starts at once; then all three swap in, each into a victim's seat."""
+    probe = Harness(admit_by_parking=True)
+    for name in "abcg":
+        probe.send("REGISTER", agent=name, model="small")
+        probe.run_jobs()
+    h = Harness(total=probe.core.ledger.allocated_bytes, admit_by_parking=True)
+    for name in "abcgdef":                  # d, e, f park a, b, c on the way in
+        h.send("REGISTER", agent=name, model="small")
+        h.run_jobs()
+    assert sorted(n for n, a in h.core.agents.items() if a.live) == ["d", "e", "f", "g"]
+    runs = [h.send("DECODE", agent=name, prompt="x", n_predict=2) for name in "abc"]
+    assert sorted(j.fields["agent"] for j in h.jobs("PARK")) == ["d", "e", "g"]
+    live = h.send("DECODE", agent="f", prompt="x", n_predict=2)
+    assert [j.fields["agent"] for j in h.jobs("DECODE")] == ["f"]
+    h.run_jobs()
+    assert [h.final(i)["status"] for i in runs + [live]] == ["ok"] * 4
+    assert sorted(n for n, a in h.core.agents.items() if a.live) == ["a", "b", "c", "f"]
+    assert all(alloc <= cap for alloc, cap in h.ledger_trace)

@@ -290,7 +290,7 @@ class Core:
     def _start_run(self, op):
         rec = self.agent(op.agent)
         self.need_worker()
-        if rec.live and not self.room and not room.over_live_limit(self):
+        if rec.live and not room.blocks(self) and not room.over_live_limit(self):
             self.launch_run(op)
         else:
             self.room.append(op)            # room.pump makes it live, in arrival order

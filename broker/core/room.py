@@ -13,9 +13,11 @@ and bytes are released only when the worker confirms. A refused PARK leaves the 
 and booked. Only then is the op's seat booked, so the ledger never books what is still
 allocated.
 
-While one op waits, every later DECODE waits behind it (first come, first served), so busy
-agents go idle in turn and the waiting one cannot starve. When nothing is running that could
-free room, the head is answered at once instead of waiting forever.
+While one op waits with no room found, every later DECODE waits behind it (first come, first
+served), so busy agents go idle in turn and the waiting one cannot starve; ops whose victims
+are being parked do not hold back live agents' runs, and while every op ahead of it takes over
+a seat as is, the next op plans too (many agents are swapped in at once). When nothing is
+running that could free room, the op is answered at once instead of waiting forever.
 """
 import collections
 from dataclasses import dataclass
@@ -57,6 +59,7 @@ class Step:
     group: Optional[int] = None     # resize: the group
     shrink: Optional[int] = None
     op: Optional[Op] = None         # the internal PARK or RESIZE op carrying it out
+    takeover: bool = False          # park: its seat is taken over as is (no bytes move)
 
 
 def _need(core, op, rec):
@@ -103,7 +106,8 @@ def plan(core, op, rec):
         others = [a for a in idle if a is not same[0]][:max(extra - 1, 0)]
         if len(others) < extra - 1:
             return None
-        return [Step("park", v.name) for v in [same[0]] + others]
+        return [Step("park", same[0].name, takeover=True)] + [Step("park", v.name)
+                                                               for v in others]
     return _plan_bytes(core, idle, need - free, extra, (path, spec))
 
 
@@ -148,22 +152,38 @@ def _plan_bytes(core, idle, short, extra, key):
 
 
 def pump(core):
-    """Serve the room queue's head while it can be served."""
-    while core.room:
-        op = core.room[0]
-        if op.victims:
-            return                          # its PARKs are not all confirmed yet
+    """Serve the room queue in arrival order. An op whose PARKs are under way is passed over,
+    so many agents are made live at once (their PARKs reach the worker together), but only
+    while every op before it takes over a seat as is: bytes freed for one op are never
+    counted for another. The first op that must wait stops the rest (first come, first
+    served)."""
+    at = 0
+    while at < len(core.room):
+        op = core.room[at]
+        if op.victims:                      # its PARKs are not all confirmed yet
+            if not all(step.takeover for step in op.victims):
+                return
+            at += 1
+            continue
         outcome = _try(core, op)
         if outcome == "parking":
-            return
+            at += 1
+            continue
         if outcome == "ready":
-            core.room.popleft()
+            del core.room[at]
             _launch(core, op)
             continue
         if op.verb in RUNS and _room_may_come(core):
             return                          # a running request will leave idle agents
-        core.room.popleft()
+        del core.room[at]
         core.end(op, _no_room(core, op).fields())
+
+
+def blocks(core):
+    """True while an op waits for room with none found yet: a live agent's new run waits
+    behind it (so busy agents go idle in turn and it cannot starve). Ops whose PARKs are under
+    way hold their seats already; runs of live agents pass them."""
+    return any(not op.victims for op in core.room)
 
 
 def _try(core, op):
