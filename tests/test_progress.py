@@ -84,3 +84,18 @@ def test_the_probe_shows_a_bar_on_a_terminal_and_nothing_in_a_pipe(shared_broker
     assert "loading" not in piped.stdout and "\x1b" not in piped.stdout
     with shared_broker.client() as c:
         c.unregister("bar-2")
+
+
+def test_the_core_relays_progress_only_to_a_register_that_asked():
+    from core_harness import Harness
+    from lmx.broker.core.events import WorkerProgress
+    h = Harness()
+    asked = h.send("REGISTER", agent="a", model="small", progress=True)
+    quiet = h.send("REGISTER", agent="b", model="big")
+    for job in h.jobs("REGISTER"):
+        h.feed(WorkerProgress(job.job_id, 0.5, h.now))
+    h.run_jobs()
+    partials = [r for r in h.replies[(b"c1", asked)] if r["status"] == "partial"]
+    assert partials == [{"agent": "a", "progress": 0.5, "status": "partial"}]
+    assert h.final(asked)["status"] == "ok"
+    assert [r["status"] for r in h.replies[(b"c1", quiet)]] == ["ok"]

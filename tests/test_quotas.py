@@ -216,3 +216,56 @@ def test_the_gateway_answers_a_quota_with_429_and_retry_after(broker, quota_file
     with broker.client() as c:
         assert c.status()["quotas"]["erin"]["use"]["tokens_per_minute"] == \
             first.usage.total_tokens
+
+
+# -- the core alone (pure: a fake worker and a fake clock) ------------------------------------
+
+def _harness(**limits):
+    from core_harness import Harness
+    config = quotas.from_dict({"clients": [{"name": "a", "key": "sk-test-aaaa", **limits}]})
+    return Harness(quotas=config)
+
+
+def _wait(h, dt):
+    """Time passes; the worker keeps heartbeating."""
+    from lmx.broker.core.events import WorkerHeartbeat
+    h.now += dt
+    h.feed(WorkerHeartbeat(None, h.now)).tick()
+
+
+def test_the_token_window_slides_and_retry_after_is_exact():
+    h = _harness(tokens_per_minute=25)
+    registered = h.send("REGISTER", agent="x", model="small", key="sk-test-aaaa")
+    h.run_jobs()
+    assert h.final(registered)["status"] == "ok"
+    for n in (10, 15):                  # the fake worker: 1 prompt token + n generated
+        h.send("DECODE", agent="x", prompt="p", n_predict=n)
+        h.run_jobs()
+        _wait(h, 10.0)
+    first_end = h.now - 20.0
+    refused_id = h.send("DECODE", agent="x", prompt="p", n_predict=1)
+    err = h.final(refused_id)
+    assert (err["code"], err["client"], err["limit"], err["use"]) == ("QUOTA", "a", 25, 27)
+    # 27 - 11 < 25 once the first run (11 tokens) leaves the window, 60 s after it ended
+    assert abs(err["retry_after_s"] - (first_end + 60 - h.now)) <= 0.1
+    assert not h.jobs()                 # nothing was sent to the worker
+    _wait(h, err["retry_after_s"] + 0.01)
+    ok = h.send("DECODE", agent="x", prompt="p", n_predict=1)
+    h.run_jobs()
+    assert h.final(ok)["status"] == "ok"
+
+
+def test_a_journaled_agent_keeps_its_client_while_the_file_names_it():
+    from core_harness import MemJournal, MemMeasured, fake_estimate
+    from lmx.broker.core import BrokerConfig, Core
+    from lmx.broker.core.events import WorkerReady
+    from lmx.common.jobs import DeviceReading
+    spec = ContextSpec(n_ctx=256).as_dict()
+    journal = MemJournal({"x": {"model": "small", "spec": spec, "client": "a"},
+                          "y": {"model": "small", "spec": spec, "client": "gone"}})
+    config = quotas.from_dict({"clients": [{"name": "a", "key": "sk-test-aaaa"}]})
+    core = Core(BrokerConfig(admission_percent=100, quotas=config), fake_estimate,
+                MemMeasured(), journal)
+    core.handle(WorkerReady(1, DeviceReading("cpu", "declared", "cpu", 1 << 30), 0.0))
+    assert (core.agents["x"].client, core.agents["y"].client) == ("a", "default")
+    assert core.status_dynamic()["quotas"]["a"]["use"]["max_agents"] == 1
