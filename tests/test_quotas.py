@@ -220,10 +220,10 @@ def test_the_gateway_answers_a_quota_with_429_and_retry_after(broker, quota_file
 
 # -- the core alone (pure: a fake worker and a fake clock) ------------------------------------
 
-def _harness(**limits):
+def _harness(config=None, **limits):
     from core_harness import Harness
-    config = quotas.from_dict({"clients": [{"name": "a", "key": "sk-test-aaaa", **limits}]})
-    return Harness(quotas=config)
+    file = quotas.from_dict({"clients": [{"name": "a", "key": "sk-test-aaaa", **limits}]})
+    return Harness(quotas=file, **(config or {}))
 
 
 def _wait(h, dt):
@@ -269,3 +269,17 @@ def test_a_journaled_agent_keeps_its_client_while_the_file_names_it():
     core.handle(WorkerReady(1, DeviceReading("cpu", "declared", "cpu", 1 << 30), 0.0))
     assert (core.agents["x"].client, core.agents["y"].client) == ("a", "default")
     assert core.status_dynamic()["quotas"]["a"]["use"]["max_agents"] == 1
+
+
+def test_a_register_waiting_for_room_counts_against_its_client():
+    h = _harness({"max_live_contexts": 1}, max_agents=2)
+    key = {"key": "sk-test-aaaa"}
+    h.send("REGISTER", agent="x", model="small", **key)
+    h.run_jobs()
+    waiting = h.send("REGISTER", agent="y", model="small", **key)  # x must park first
+    assert h.jobs("PARK") and h.final(waiting) is None
+    third = h.send("REGISTER", agent="z", model="small", **key)
+    err = h.final(third)
+    assert (err["code"], err["quota"], err["use"]) == ("QUOTA", "max_agents", 2)
+    h.run_jobs()
+    assert h.final(waiting)["status"] == "ok"

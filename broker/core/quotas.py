@@ -20,6 +20,7 @@ it reaches the head of its agent's lane. A refusal is ``QUOTA`` with the numbers
 import collections
 import math
 
+from lmx.broker.core import seats
 from lmx.common.errors import Code, LmxError, Reason
 from lmx.common.quotas import DEFAULT_CLIENT, WINDOW_S
 from lmx.common.replies import ClientQuota
@@ -102,21 +103,37 @@ class QuotaBook:
         return window
 
     def use(self, core, client, now):
-        """{quota: what the client uses now} (reads only: the metrics call it too)."""
-        mine = [a for a in list(core.agents.values()) if a.client == client]
-        return {"max_agents": len(mine),
-                "max_booked_bytes": sum(a.booked_bytes for a in mine),
-                "max_n_ctx": max((a.n_ctx for a in mine), default=0),
-                "tokens_per_minute": sum(n for t, n in list(self.windows.get(client, ()))
-                                         if t > now - WINDOW_S)}
+        """{quota: what the client uses now}."""
+        return self._uses(core, now).get(client) or self._use_of([], (), now)
 
     def view(self, core, now):
-        """STATUS's quotas: {client: {"limits": {quota: limit or None}, "use": {...}}}."""
+        """STATUS's quotas: {client: ClientQuota(limits, use)} as maps, the default first."""
         if not self.on:
             return {}
+        uses = self._uses(core, now)
         return {name: ClientQuota(self.config.limits(name).as_dict(),
-                                  self.use(core, name, now)).to_wire()
+                                  uses.get(name) or self._use_of([], (), now)).to_wire()
                 for name in self.config.names()}
+
+    def _uses(self, core, now):
+        """{client: use} in one pass over the agents; a REGISTER waiting for room counts as
+        the agent it will be. Reads only (the metrics call it from their thread)."""
+        mine = collections.defaultdict(list)       # client -> [(seat bytes, n_ctx)]
+        for a in list(core.agents.values()):
+            mine[a.client].append((a.booked_bytes, a.n_ctx))
+        for op in list(core.room):
+            if op.verb == "REGISTER" and op.agent not in core.agents and op.estimate:
+                mine[op.fields.get("client", DEFAULT_CLIENT)].append(
+                    (seats.split(op.estimate)[0], op.fields["spec"].n_ctx))
+        return {client: self._use_of(agents, self.windows.get(client, ()), now)
+                for client, agents in list(mine.items()) + [
+                    (c, []) for c in list(self.windows) if c not in mine]}
+
+    @staticmethod
+    def _use_of(agents, window, now):
+        return {"max_agents": len(agents), "max_booked_bytes": sum(b for b, _ in agents),
+                "max_n_ctx": max((n for _, n in agents), default=0),
+                "tokens_per_minute": sum(n for t, n in list(window) if t > now - WINDOW_S)}
 
 
 def _refuse(client, quota, limit, use, requested, message, retry_after_s=None):
