@@ -117,6 +117,11 @@ def _private_worker_endpoint():
 @click.option("--chat-template", "chat_templates", multiple=True, metavar="MODEL=TEMPLATE",
               help="Set or override a model's chat template for CHAT (repeatable): MODEL is a "
               "table key or a GGUF path, TEMPLATE a built-in name (chatml) or a jinja file.")
+@click.option("--quotas", "quotas", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A TOML quotas file (see configs/quotas.example.toml; the gateway can "
+              "read the same file): per client key max_agents, max_booked_bytes, max_n_ctx, "
+              "tokens_per_minute, and [default] for requests without a key [default: no "
+              "quotas].")
 @click.option("--metrics", "metrics", default=None, metavar="HOST:PORT", callback=_listen,
               help="Serve Prometheus metrics on http://HOST:PORT/metrics [default: off].")
 @click.option("--log-level", default="INFO", show_default=True)
@@ -215,7 +220,21 @@ def _config(o):
         max_agents_per_client=o["max_agents_per_client"],
         curve_secret_key=o["curve_secret_key"], curve_clients=o["curve_clients"],
         park_to_disk=o["park_to_disk"], park_ram=o["park_ram"],
-        max_live_contexts=o["max_live_contexts"], admit_by_parking=o["admit_by_parking"])
+        max_live_contexts=o["max_live_contexts"], admit_by_parking=o["admit_by_parking"],
+        quotas=_quotas(o["quotas"]))
+
+
+def _quotas(path):
+    """The quotas file, or None; a bad file stops the start with its message."""
+    if path is None:
+        return None
+    from lmx.common import quotas
+    try:
+        config = quotas.load(path)
+    except quotas.QuotaFileError as exc:
+        raise click.BadParameter(str(exc), param_hint="--quotas") from None
+    log.info("broker: quotas for %d clients from %s", len(config.clients), path)
+    return config
 
 
 if __name__ == "__main__":

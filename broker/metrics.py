@@ -81,6 +81,8 @@ class Metrics:
                                 "their state was.", ["target"], registry=r)
         self.restore_bytes = Counter("lmx_restore_bytes", "Bytes of parked state restored.",
                                      ["target"], registry=r)
+        self.quota_denials = Counter("lmx_quota_denials", "QUOTA refusals, by quotas client "
+                                     "and quota.", ["client", "quota"], registry=r)
         self.restore_seconds = Histogram("lmx_restore_seconds", "Restores (swap_ms of the run "
                                          "that brought the agent back).", ["target"],
                                          registry=r, buckets=SWAP_BUCKETS)
@@ -160,6 +162,8 @@ class Metrics:
             self.errors.labels(code).inc()
             if code in DENIAL_CODES:
                 self.denials.labels(code, f.get("reason") or "").inc()
+            if code == "QUOTA":
+                self.quota_denials.labels(f.get("client") or "", f.get("quota") or "").inc()
         elif "ttft_ms" in f:
             self._run(f)
         elif "estimate_source" in f:
@@ -256,7 +260,7 @@ class StateCollector:
                 (["free"], sum(max(g.capacity - len(g.members), 0) for g in groups))]),
             _gauge("lmx_worker_ready", "1 while the worker is ready.",
                    int(core.worker.state == "ready")),
-            self._models(led, groups), self._agents(led, agents)]
+            self._models(led, groups), self._agents(led, agents), *self._quotas()]
         restarts = CounterMetricFamily("lmx_worker_restarts", "Workers started after a loss.",
                                        value=core.worker.restarts)
         builds = CounterMetricFamily("lmx_context_builds", "Contexts the workers built.",
@@ -286,6 +290,23 @@ class StateCollector:
             samples += [([name, "weights"], m.booked_bytes), ([name, "contexts"], ctx)]
         return _gauge("lmx_model_booked_bytes", "Ledger bytes per model (weights, contexts).",
                       None, ["model", "kind"], samples)
+
+    def _quotas(self):
+        """Each quotas client's limits (those set) and use; client names come from the
+        quotas file, so the label sets are bounded."""
+        book = self.core.quotas
+        if not book.on:
+            return []
+        limits, use = [], []
+        for client, view in book.view(self.core, self.core.now).items():
+            for quota, value in view["use"].items():
+                use.append(([client, quota], value))
+                if view["limits"][quota] is not None:
+                    limits.append(([client, quota], view["limits"][quota]))
+        return [_gauge("lmx_quota_limit", "Quota limits per client (unlimited ones absent).",
+                       None, ["client", "quota"], limits),
+                _gauge("lmx_quota_use", "What each quotas client uses of each quota now.",
+                       None, ["client", "quota"], use)]
 
     def _agents(self, led, agents):
         """Booked bytes of the TOP_AGENTS largest agents; the rest summed as "other"."""

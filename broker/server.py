@@ -21,8 +21,8 @@ from lmx.broker import access
 from lmx.broker.core import Core
 from lmx.broker.core.events import (CancelJob, ClientRequest, ClientSlow, KillWorker, Log,
                                     Reply, SendJob, SpawnWorker, Tick, WorkerHeartbeat,
-                                    WorkerLost, WorkerReady, WorkerResult, WorkerStarting,
-                                    WorkerToken)
+                                    WorkerLost, WorkerProgress, WorkerReady, WorkerResult,
+                                    WorkerStarting, WorkerToken)
 from lmx.broker.estimate import estimate
 from lmx.broker.journal import Journal
 from lmx.broker.measured import MeasuredCache
@@ -30,7 +30,7 @@ from lmx.broker.statelock import StateLock
 from lmx.common import config as cfg
 from lmx.common import protocol
 from lmx.common.errors import LmxError
-from lmx.common.jobs import DeviceReading, Result, StreamingInfo
+from lmx.common.jobs import DeviceReading, LoadFraction, Result, StreamingInfo
 from lmx.common.sockets import make_socket
 
 log = logging.getLogger("lmx.broker")
@@ -281,6 +281,8 @@ class Broker:
         elif msg.verb == "TOKENS":
             for job, index, token, text in f["tokens"]:
                 self._dispatch(WorkerToken(job, index, token, text, now))
+        elif msg.verb == "PROGRESS":
+            self._dispatch(WorkerProgress(msg.id, LoadFraction.from_wire(f).fraction, now))
         else:
             device = f.get("device")
             self._dispatch(WorkerHeartbeat(DeviceReading.from_wire(device) if device else

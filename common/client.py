@@ -15,6 +15,9 @@ from lmx.common.errors import LmxError
 from lmx.common.sockets import make_socket
 
 
+KEYED = frozenset({"REGISTER", "DECODE", "CHAT"})    # the verbs that carry a quotas key
+
+
 class LmxTimeout(TimeoutError):
     """No reply arrived within the timeout."""
 
@@ -22,10 +25,12 @@ class LmxTimeout(TimeoutError):
 class Client:
     """A connection to an lmx broker; not thread-safe (one per thread, like its socket)."""
 
-    def __init__(self, endpoint=DEFAULT_ENDPOINT, timeout=60.0, ctx=None, curve=None):
-        """curve: (client_public, client_secret, server_public) for a tcp:// broker."""
+    def __init__(self, endpoint=DEFAULT_ENDPOINT, timeout=60.0, ctx=None, curve=None, key=None):
+        """curve: (client_public, client_secret, server_public) for a tcp:// broker; key: a
+        client key of the broker's quotas file, sent with every REGISTER, DECODE and CHAT."""
         self.endpoint = endpoint
         self.timeout = timeout
+        self.key = key
         self._own_ctx = ctx is None
         self._ctx = ctx or zmq.Context()
         self._sock = make_socket(self._ctx, zmq.DEALER, endpoint, curve=curve)
@@ -41,6 +46,8 @@ class Client:
     def send(self, verb, **fields):
         """Send one request without waiting; return its id (for replies() and CANCEL)."""
         msg_id = next(self._ids)
+        if self.key is not None and verb.upper() in KEYED:
+            fields.setdefault("key", self.key)
         self._sock.send_multipart(protocol.encode_request(verb, msg_id, **fields))
         self._waiting[msg_id] = collections.deque()
         return msg_id
@@ -83,13 +90,22 @@ class Client:
             raise LmxError.from_reply(reply)
         return reply
 
-    def register(self, agent, model, n_ctx=None, **context):
+    def register(self, agent, model, n_ctx=None, progress=None, **context):
         """Admit `agent` on `model` (a table key or a GGUF path); context: flash_attn, type_k,
-        type_v, swa_full."""
+        type_v, swa_full. progress: called with each load fraction (0.0 to 1.0, the last 1.0)
+        when this REGISTER loads the model (nothing when it is loaded already)."""
         fields = {"agent": agent, "model": model, **context}
         if n_ctx is not None:
             fields["n_ctx"] = n_ctx
-        return self.request("REGISTER", **fields)
+        if progress is None:
+            return self.request("REGISTER", **fields)
+        for reply in self.replies(self.send("REGISTER", progress=True, **fields)):
+            if reply.get("status") == "partial":
+                progress(reply["progress"])
+            elif reply.get("status") != "ok":
+                raise LmxError.from_reply(reply)
+            else:
+                return reply
 
     def decode(self, agent, prompt, n_predict, deadline_ms=None):
         """Greedy-decode up to n_predict tokens after `prompt`, continuing the conversation."""

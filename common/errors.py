@@ -27,7 +27,9 @@ class Code:
     DEADLINE = "DEADLINE"                  # a queued DECODE whose deadline passed first
     UNKNOWN_REQUEST = "UNKNOWN_REQUEST"    # CANCEL for a request not queued or running
     LIMIT = "LIMIT"                        # a configured limit (prompt tokens, agents per client)
-    FORBIDDEN = "FORBIDDEN"                # a model path outside the configured model dirs
+    FORBIDDEN = "FORBIDDEN"                # a model path outside the model dirs; a wrong key
+    QUOTA = "QUOTA"                        # a client's quota; carries quota, limit, use,
+                                           # retry_after_s
     WORKER_UNAVAILABLE = "WORKER_UNAVAILABLE"
     WORKER_LOST = "WORKER_LOST"            # the worker died with this request in flight
     NO_CHAT_TEMPLATE = "NO_CHAT_TEMPLATE"  # CHAT on a model with no template and no override
@@ -51,6 +53,11 @@ class Reason:
     AGENTS_PER_CLIENT = "AGENTS_PER_CLIENT"
     PARK_BUDGET = "PARK_BUDGET"            # LIMIT: parked state past the host-memory budget
     OUTSIDE_MODEL_DIRS = "OUTSIDE_MODEL_DIRS"  # FORBIDDEN
+    UNKNOWN_CLIENT_KEY = "UNKNOWN_CLIENT_KEY"  # FORBIDDEN: a key no client of --quotas has
+    MAX_AGENTS = "MAX_AGENTS"              # QUOTA: the reason is the quota's name, upper case
+    MAX_BOOKED_BYTES = "MAX_BOOKED_BYTES"
+    MAX_N_CTX = "MAX_N_CTX"
+    TOKENS_PER_MINUTE = "TOKENS_PER_MINUTE"
     MISSING_FIELD = "MISSING_FIELD"        # BAD_REQUEST
     BAD_TYPE = "BAD_TYPE"
     BAD_VALUE = "BAD_VALUE"

@@ -5,7 +5,8 @@ id; the worker answers each job with exactly one RESULT (same id) whose fields a
 ``status`` ("ok" or "error"), the error fields on an error (``code``, ``reason``, ``message``,
 numbers), the verb's result record on success, and always ``slot`` (the job's agent as the
 worker holds it after the job, or None when it has no slot) and ``engine`` (the worker's
-summary). A streaming DECODE also gets TOKEN events before its RESULT.
+summary). A streaming DECODE also gets TOKEN events before its RESULT, and a REGISTER with
+``progress`` that loads its model gets PROGRESS events (``LoadFraction``) before its RESULT.
 """
 from dataclasses import dataclass, field
 from typing import ClassVar, Dict, List, Optional
@@ -26,6 +27,7 @@ class RegisterJob(Record):
     spec: dict
     resume: bool = False
     seat: Optional[dict] = None       # the broker's placement: {"group", "capacity"}
+    progress: bool = False            # send PROGRESS events while loading its model
 
 
 @dataclass
@@ -128,6 +130,14 @@ class CancelJob(Record):
 
 JOB_TYPES = {cls.VERB: cls for cls in (RegisterJob, UnregisterJob, ParkJob, ResizeJob,
                                        DecodeJob, ChatJob, CancelJob)}
+
+
+@dataclass
+class LoadFraction(Record):
+    """A PROGRESS event (its id: the REGISTER job's): how much of the model llama.cpp has
+    loaded, 0.0 to 1.0 (throttled by the worker; the last one is 1.0)."""
+
+    fraction: float
 
 
 # -- readings ------------------------------------------------------------------------------

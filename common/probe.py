@@ -68,14 +68,24 @@ def _curve(client_key, server_key):
     return public, secret, server
 
 
+def _client(opts):
+    return Client(opts["endpoint"], timeout=opts["timeout"], curve=opts["curve"],
+                  key=opts["key"])
+
+
 def _call(ctx, verb, **fields):
     opts = ctx.obj
     try:
-        with Client(opts["endpoint"], timeout=opts["timeout"], curve=opts["curve"]) as client:
+        with _client(opts) as client:
             reply = client.call(verb, **fields)
     except LmxTimeout as exc:
         click.echo(f"lmx-probe: {exc}", err=True)
         sys.exit(3)
+    _print(opts, verb, reply)
+
+
+def _print(opts, verb, reply):
+    """Print a final reply (readable, or JSON) and exit 1 on an error reply."""
     if opts["json"]:
         click.echo(json.dumps(reply, default=str))
     else:
@@ -94,12 +104,15 @@ def _call(ctx, verb, **fields):
               help="tcp brokers: this client's zmq.auth secret key file.")
 @click.option("--curve-server-key", type=click.Path(exists=True, dir_okay=False), default=None,
               help="tcp brokers: the broker's public key file.")
+@click.option("--key", envvar="LMX_KEY", default=None, help="A client key of the broker's "
+              "quotas file, sent with REGISTER, DECODE and CHAT [env LMX_KEY; default: none, "
+              "the default client].")
 @click.pass_context
-def main(ctx, endpoint, as_json, timeout, curve_client_key, curve_server_key):
+def main(ctx, endpoint, as_json, timeout, curve_client_key, curve_server_key, key):
     """Send one verb (HELP, STATUS, LIST, REGISTER, UNREGISTER, DECODE, CHAT, CANCEL) to a
     broker."""
     ctx.obj = {"endpoint": endpoint, "json": as_json, "timeout": timeout,
-               "curve": _curve(curve_client_key, curve_server_key)}
+               "curve": _curve(curve_client_key, curve_server_key), "key": key}
 
 
 @main.command("help")
@@ -129,11 +142,28 @@ def list_(ctx):
 @click.option("--n-ctx", type=int, default=None, help="Context size [broker default].")
 @click.pass_context
 def register(ctx, agent, model, n_ctx):
-    """REGISTER AGENT MODEL: MODEL is a table key or a GGUF path."""
+    """REGISTER AGENT MODEL: MODEL is a table key or a GGUF path. On a terminal, a bar shows
+    the model's load progress when this REGISTER loads it."""
     fields = {"agent": agent, "model": model}
     if n_ctx is not None:
         fields["n_ctx"] = n_ctx
-    _call(ctx, "REGISTER", **fields)
+    if not sys.stdout.isatty():
+        _call(ctx, "REGISTER", **fields)     # scripts: the reply only
+        return
+    from rich.progress import Progress
+    opts = ctx.obj
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"loading {model}", total=1.0, visible=False)
+        try:
+            with _client(opts) as client:
+                msg_id = client.send("REGISTER", progress=True, **fields)
+                for reply in client.replies(msg_id):
+                    if reply.get("status") == "partial":
+                        bar.update(task, completed=reply["progress"], visible=True)
+        except LmxTimeout as exc:
+            click.echo(f"lmx-probe: {exc}", err=True)
+            sys.exit(3)
+    _print(opts, "REGISTER", reply)
 
 
 @main.command()
@@ -165,7 +195,7 @@ def _stream(ctx, verb, piece, **fields):
     """Send a streaming request; print each partial's `piece` as it comes, then the reply."""
     opts = ctx.obj
     try:
-        with Client(opts["endpoint"], timeout=opts["timeout"], curve=opts["curve"]) as client:
+        with _client(opts) as client:
             msg_id = client.send(verb, stream=True, **fields)
             for reply in client.replies(msg_id):
                 if reply.get("status") == "partial":

@@ -37,16 +37,18 @@ Envelope rules, checked by ``decode_message`` in this order:
 
 Broker and worker speak the same shape: the broker sends jobs as requests (verbs REGISTER,
 UNREGISTER, DECODE, HEARTBEAT, SHUTDOWN, and CANCEL out of band); the worker sends READY,
-HEARTBEAT, TOKEN (a streamed token of the job in flight) and RESULT, where a RESULT carries the
-job id and the reply fields (``status`` and the rest). A streaming DECODE gets any number of
-``partial`` replies before its final one, all with the request's id.
+HEARTBEAT, TOKEN (a streamed token of the job in flight), PROGRESS (a REGISTER job's model
+load) and RESULT, where a RESULT carries the job id and the reply fields (``status`` and the
+rest). A streaming DECODE, and a REGISTER with ``progress`` that loads its model, get any
+number of ``partial`` replies before the final one, all with the request's id.
 """
 import msgpack
 
 from lmx.common.config import AGENT_ID_RE
 from lmx.common.errors import Code, LmxError, Reason
 
-PROTOCOL_VERSION = (1, 1)   # 1.1: typed replies (kv_swap_parked, STATE_LOST, ...)
+PROTOCOL_VERSION = (1, 2)   # 1.1: typed replies (kv_swap_parked, STATE_LOST, ...); 1.2: key,
+                            # QUOTA, STATUS quotas, REGISTER progress
 DEFAULT_MAX_FRAME_BYTES = 1 << 20
 MAX_ID_LEN = 64
 MAX_SHOWN_CHARS = 64        # error messages quote at most this much of a client's string
@@ -73,10 +75,12 @@ CLIENT_VERBS = {
     "LIST": {},
     "REGISTER": {"agent": Field(str), "model": Field(str), "n_ctx": Field(int, False),
                  "flash_attn": Field(bool, False), "type_k": Field(str, False),
-                 "type_v": Field(str, False), "swa_full": Field(bool, False)},
+                 "type_v": Field(str, False), "swa_full": Field(bool, False),
+                 "key": Field(str, False), "progress": Field(bool, False)},
     "UNREGISTER": {"agent": Field(str)},
     "DECODE": {"agent": Field(str), "prompt": Field(str), "n_predict": Field(int),
-               "stream": Field(bool, False), "deadline_ms": Field(int, False)},
+               "stream": Field(bool, False), "deadline_ms": Field(int, False),
+               "key": Field(str, False)},
     "CHAT": {"agent": Field(str), "messages": Field(list), "max_tokens": Field(int, False),
              "temperature": Field((float, int), False), "top_p": Field((float, int), False),
              "top_k": Field(int, False), "min_p": Field((float, int), False),
@@ -86,14 +90,16 @@ CLIENT_VERBS = {
              "stop": Field((str, list), False), "response_format": Field(dict, False),
              "grammar": Field(str, False), "tools": Field(list, False),
              "tool_choice": Field((str, dict), False), "truncate": Field(str, False),
-             "stream": Field(bool, False), "deadline_ms": Field(int, False)},
+             "stream": Field(bool, False), "deadline_ms": Field(int, False),
+             "key": Field(str, False)},
     "CANCEL": {"agent": Field(str), "request": Field((int, str))},
 }
 
 # Broker -> worker jobs.
 WORKER_JOBS = {
     "REGISTER": {"agent": Field(str), "path": Field(str), "spec": Field(dict),
-                 "resume": Field(bool, False), "seat": Field(dict, False)},
+                 "resume": Field(bool, False), "seat": Field(dict, False),
+                 "progress": Field(bool, False)},
     "UNREGISTER": {"agent": Field(str)},
     # save its sequence to host memory or disk, free its seat (shrink: then resize the group)
     "PARK": {"agent": Field(str), "ram_bytes": Field(int), "disk": Field(bool),
@@ -122,6 +128,8 @@ WORKER_EVENTS = {
     "TOKEN": {"index": Field(int), "token": Field(int), "text": Field(str)},
     # every streamed token of one step: [[job id, index, token, text], ...]
     "TOKENS": {"tokens": Field(list)},
+    # a REGISTER job's model load (id: the job's), 0.0 to 1.0: jobs.LoadFraction
+    "PROGRESS": {"fraction": Field((float, int))},
 }
 
 VERB_HELP = {
@@ -129,13 +137,15 @@ VERB_HELP = {
     "STATUS": "ledger, device totals, worker pid/state, agents and models",
     "LIST": "registered agents with their model, bytes and state",
     "REGISTER": "agent, model (table key or GGUF path), n_ctx?, flash_attn?, type_k?, type_v?, "
-                "swa_full?: admit and build an agent",
+                "swa_full?, key? (a quotas client's key), progress? (partial replies carry the "
+                "model's load progress): admit and build an agent",
     "UNREGISTER": "agent: release the agent's bytes, slot and model reference",
-    "DECODE": "agent, prompt, n_predict, stream?, deadline_ms?: greedy-decode continuing the "
-              "agent's conversation; with stream, partial replies carry each token",
+    "DECODE": "agent, prompt, n_predict, stream?, deadline_ms?, key?: greedy-decode continuing "
+              "the agent's conversation; with stream, partial replies carry each token",
     "CHAT": "agent, messages, max_tokens?, temperature?, top_p?, top_k?, min_p?, "
             "repeat_penalty?, presence_penalty?, frequency_penalty?, seed?, stop?, "
-            "response_format?, grammar?, tools?, tool_choice?, truncate?, stream?, deadline_ms?: "
+            "response_format?, grammar?, tools?, tool_choice?, truncate?, stream?, deadline_ms?, "
+            "key?: "
             "render the messages with the model's chat template, reuse the KV prefix, sample a "
             "reply (content, tool_calls, finish_reason); with stream, partial replies carry delta",
     "CANCEL": "agent, request (a DECODE's or CHAT's id): stop it at its next token, or drop it "

@@ -72,6 +72,23 @@ class PartialReply(Record):
 
 
 @dataclass
+class LoadProgress(Record):
+    """How far the model a REGISTER (with progress) is loading has come (status "partial"):
+    llama.cpp's progress, 0.0 to 1.0, non-decreasing, the last one 1.0."""
+
+    agent: str
+    progress: float
+
+
+@dataclass
+class ClientQuota(Record):
+    """One quotas client as STATUS shows it: {quota: limit or None} and {quota: its use}."""
+
+    limits: Dict[str, Optional[int]]
+    use: Dict[str, int]
+
+
+@dataclass
 class ChatPartial(Record):
     """A streamed piece of a CHAT's content (status "partial"): never part of a stop string."""
 
@@ -144,6 +161,7 @@ class AgentRecord(Record):
     owner: str
     registered_at: float
     last_active: Optional[float]
+    client: str = "default"        # the quotas client that registered it
 
 
 @dataclass

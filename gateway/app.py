@@ -75,13 +75,18 @@ class Gateway(CompletionsMixin):
         """The request's ApiKey (None when the config has no keys); 401 otherwise."""
         if not self.cfg.keys:
             return None
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        key = self.cfg.key_for(token.strip()) if scheme.lower() == "bearer" else None
+        key = self.cfg.key_for(_bearer(request))
         if key is None:
             raise HttpError(401, "Incorrect API key provided (send Authorization: Bearer "
                             "KEY with a key from the gateway's config).", param=None,
                             code="invalid_api_key")
         return key
+
+    @staticmethod
+    def broker_key(request, key):
+        """The key the broker gets with REGISTER, CHAT and DECODE: the caller's own when it is
+        a quotas client's (its quota applies), else none (the broker's default client)."""
+        return _bearer(request) if key is not None and key.forward else None
 
     async def read_json(self, request):
         """The request body as a JSON object, within the size limit."""
@@ -161,7 +166,7 @@ class Gateway(CompletionsMixin):
         final). Returns (session, pending, first reply); an error reply raises HttpError
         (UNKNOWN_AGENT: the agent is registered anew and the request sent once more)."""
         for attempt in (0, 1):
-            session = await self.sessions.acquire(agent, entry)
+            session = await self.sessions.acquire(agent, entry, fields.get("key"))
             try:
                 pending = self.link.open(verb, agent, **fields)
                 first = await self.wait_reply(request, pending)
@@ -190,6 +195,8 @@ class Gateway(CompletionsMixin):
         fields, renames, opts = translate.chat_fields(body, self.cfg.max_messages)
         if opts["stream"]:
             fields["stream"] = True
+        if self.broker_key(request, key) is not None:
+            fields["key"] = self.broker_key(request, key)
         agent = self.agent_for(request, body, key, entry, "c")
         session, pending, first = await self.begin(request, agent, entry, "CHAT", fields,
                                                    renames)
@@ -278,6 +285,12 @@ class _Ending:
             self.gw.link.cancel(self.pending)       # a no-op once the final reply came
             self.gw.sessions.release(self.session)
             self.session = None
+
+
+def _bearer(request):
+    """The token of an Authorization: Bearer header ("" without one)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 def _too_large(size, limit):

@@ -34,7 +34,8 @@ class CompletionsMixin:
         entry = self.entry(body, key)
         prompt, n_predict, stops, opts = translate.completion_fields(body)
         agent = self.agent_for(request, body, key, entry, "t")
-        session = fitted = await self.sessions.acquire(agent, entry)
+        token = self.broker_key(request, key)
+        session = fitted = await self.sessions.acquire(agent, entry, token)
         lock, locked = _lock(session), False
         try:
             await lock.acquire()
@@ -47,6 +48,8 @@ class CompletionsMixin:
             raise
         self.sessions.release(session)          # begin() acquires it again
         fields = {"prompt": send, "n_predict": n_predict, "stream": True}
+        if token is not None:
+            fields["key"] = token
         try:
             session, pending, first = await self.begin(request, agent, entry, "DECODE",
                                                        fields, {"n_predict": "max_tokens"})

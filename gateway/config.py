@@ -16,17 +16,20 @@
 
     [cors]                        # absent: no CORS headers at all
     allow_origins = ["http://localhost:3000"]
+
+lmx-gateway --quotas FILE (the broker's quotas file) adds each [[clients]] key as an API key
+with its models, and forwards it to the broker so that client's quota applies.
 """
 import dataclasses
-import hashlib
 import ipaddress
-import os
 import sys
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:                                   # pragma: no cover - python 3.10
     import tomli as tomllib
+
+from lmx.common.quotas import digest, secret
 
 REGISTER_PARAMS = ("n_ctx", "flash_attn", "type_k", "type_v", "swa_full")
 DEFAULT_LISTEN = "127.0.0.1:8000"
@@ -52,6 +55,7 @@ class ApiKey:
     name: str
     digest: str                          # sha256 of the key: the key itself is not kept
     models: frozenset
+    forward: bool = False                # a quotas client's key: sent on to the broker
 
     def allows(self, alias):
         """Whether this key may use the model alias."""
@@ -77,11 +81,6 @@ class GatewayConfig:
     def key_for(self, token):
         """The ApiKey of a Bearer token, or None."""
         return self.keys.get(digest(token)) if token else None
-
-
-def digest(token):
-    """sha256 hex of a key (keys are looked up and compared by digest)."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 def load(path):
@@ -146,18 +145,22 @@ def _model(alias, entry, where):
 
 
 def _key(i, entry, where):
-    token = entry.get("key")
-    if token is None and "key_env" in entry:
-        token = os.environ.get(entry["key_env"])
-        if not token:
-            raise ConfigError(f"{where}: keys[{i}]: environment variable "
-                              f"{entry['key_env']} is not set")
-    if not isinstance(token, str) or len(token) < 8:
-        raise ConfigError(f"{where}: keys[{i}] needs key (8 characters or more) or key_env")
+    token = secret(entry, f"{where}: keys[{i}]", ConfigError)
     models = entry.get("models", ["*"])
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
         raise ConfigError(f"{where}: keys[{i}].models must be a list of model names")
     return ApiKey(str(entry.get("name", f"key{i}")), digest(token), frozenset(models))
+
+
+def add_quota_clients(cfg, quotas, where="--quotas"):
+    """Accept every client key of a quotas file (common/quotas.py) as an API key with its
+    models; requests with one carry it to the broker, whose quota for that client applies."""
+    for client in quotas.clients.values():
+        if client.digest in cfg.keys:
+            raise ConfigError(f"{where}: client {client.name!r} has the same key as "
+                              f"[[keys]] {cfg.keys[client.digest].name!r}")
+        cfg.keys[client.digest] = ApiKey(client.name, client.digest, client.models, True)
+    return cfg
 
 
 def parse_listen(listen):

@@ -8,6 +8,8 @@
     WORKER_*, AGENT_LOST, STATE_LOST     503  server_error, Retry-After
     BROKER_UNREACHABLE (the gateway's)   503  server_error / broker_unreachable, Retry-After
     BUSY                                 429  rate_limit_error / rate_limit_exceeded
+    QUOTA                                429  rate_limit_error / quota_exceeded, Retry-After
+                                              when the broker knows one (retry_after_s)
     CONTEXT_FULL, LIMIT/PROMPT_TOKENS    400  invalid_request_error / context_length_exceeded
     MODEL_ERROR UNKNOWN_KEY|NOT_FOUND    404  invalid_request_error / model_not_found
     BAD_REQUEST                          400  invalid_request_error, param = the broker's field
@@ -15,6 +17,8 @@
     DEADLINE, GATEWAY_TIMEOUT            504  server_error / timeout
     anything else                        500  server_error / <code lowercased>
 """
+import math
+
 from lmx.common.errors import Code, Reason
 from lmx.gateway.link import TIMEOUT, UNREACHABLE
 
@@ -76,6 +80,8 @@ def from_reply(reply, retry_after=5, renames=None):
     if code == Code.BUSY:
         return HttpError(429, f"lmx broker queue is full: {message}", "rate_limit_error",
                          None, "rate_limit_exceeded", {"Retry-After": "1"})
+    if code == Code.QUOTA:
+        return quota_error(reply)
     if code == Code.CONTEXT_FULL or (code == Code.LIMIT and reason == Reason.PROMPT_TOKENS):
         return HttpError(400, context_message(reply) if code == Code.CONTEXT_FULL else
                          message, INVALID, "messages", "context_length_exceeded")
@@ -95,6 +101,16 @@ def from_reply(reply, retry_after=5, renames=None):
         return HttpError(413, message, INVALID, None, "request_too_large")
     return HttpError(500, f"lmx {code}/{reason}: {message}", SERVER, None,
                      str(code).lower())
+
+
+def quota_error(reply):
+    """429 for a client over one of its quotas, with the numbers (and when to retry)."""
+    retry = reply.get("retry_after_s")
+    headers = {"Retry-After": str(max(1, math.ceil(retry)))} if retry is not None else {}
+    return HttpError(429, f"lmx quota {reply.get('quota')} of client {reply.get('client')!r} "
+                     f"exceeded (limit {reply.get('limit')}, use {reply.get('use')}): "
+                     f"{reply.get('message', '')}", "rate_limit_error", None, "quota_exceeded",
+                     headers)
 
 
 def model_not_found(alias):

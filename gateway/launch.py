@@ -43,7 +43,7 @@ def toml_config(models, keys=(), gateway=None, cors=None):
 class GatewayProc:
     """`python -m lmx.gateway.main` against a broker endpoint, with a config file."""
 
-    def __init__(self, folder, endpoint, config_text, name="gw", wait=True):
+    def __init__(self, folder, endpoint, config_text, name="gw", wait=True, args=()):
         self.dir = Path(folder)
         self.config = self.dir / f"{name}.toml"
         self.config.write_text(config_text)
@@ -52,7 +52,7 @@ class GatewayProc:
         self.log_path = self.dir / f"{name}.log"
         self.log = open(self.log_path, "wb")
         cmd = [sys.executable, "-m", "lmx.gateway.main", "--broker", endpoint, "--listen",
-               f"127.0.0.1:{self.port}", "--config", str(self.config)]
+               f"127.0.0.1:{self.port}", "--config", str(self.config), *args]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env=dict(os.environ, PYTHONUNBUFFERED="1"))
         if wait:

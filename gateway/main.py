@@ -5,6 +5,7 @@ import click
 import uvicorn
 
 from lmx.common import config as lmx_config
+from lmx.common import quotas
 from lmx.common.probe import _curve
 from lmx.gateway import config
 from lmx.gateway.app import create_app
@@ -21,20 +22,27 @@ log = logging.getLogger("lmx.gateway")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               default=None, help="TOML file: models, API keys, limits, idle timeout, CORS "
               "(see configs/gateway.example.toml).")
+@click.option("--quotas", "quotas_path", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="The broker's quotas file (configs/quotas.example.toml): each "
+              "client's key is accepted as an API key (with its models) and sent on to the "
+              "broker, whose quotas for that client apply.")
 @click.option("--curve-client-key", type=click.Path(exists=True, dir_okay=False), default=None,
               help="tcp:// brokers: this client's zmq.auth secret key file.")
 @click.option("--curve-server-key", type=click.Path(exists=True, dir_okay=False), default=None,
               help="tcp:// brokers: the broker's public key file.")
 @click.option("--log-level", default="INFO", show_default=True)
-def main(broker, listen, config_path, curve_client_key, curve_server_key, log_level):
+def main(broker, listen, config_path, quotas_path, curve_client_key, curve_server_key,
+         log_level):
     """Serve /v1/chat/completions, /v1/completions, /v1/models and /health, each request a
     CHAT or DECODE of a session's agent on the broker."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     try:
         cfg = config.load(config_path)
+        if quotas_path is not None:
+            config.add_quota_clients(cfg, quotas.load(quotas_path))
         host, port = config.parse_listen(listen or cfg.listen)
         config.check_exposure(cfg, host)
-    except config.ConfigError as exc:
+    except (config.ConfigError, quotas.QuotaFileError) as exc:
         raise click.UsageError(str(exc)) from None
     endpoint = broker or cfg.broker or lmx_config.DEFAULT_ENDPOINT
     if not cfg.models:

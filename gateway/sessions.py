@@ -28,8 +28,9 @@ def agent_id(prefix, key_name, alias, kind, session):
 class Session:
     """One agent the gateway registered (or found registered): its use and idleness."""
 
-    def __init__(self, agent, alias, now):
+    def __init__(self, agent, alias, now, key=None):
         self.agent, self.alias = agent, alias
+        self.key = key       # the quotas client key sent with its REGISTER (None: default)
         self.ready = asyncio.get_running_loop().create_future()
         self.inflight = 0
         self.last_used = now
@@ -45,13 +46,13 @@ class Sessions:
         self.registered = 0
         self.unregistered = 0
 
-    async def acquire(self, agent, entry):
-        """The session of agent, registered on the broker; counts as in use until
-        release(). Raises HttpError when REGISTER fails."""
+    async def acquire(self, agent, entry, key=None):
+        """The session of agent, registered on the broker (with the quotas client key, if
+        any); counts as in use until release(). Raises HttpError when REGISTER fails."""
         while True:
             session = self.table.get(agent)
             if session is None:
-                return await self._first(agent, entry)
+                return await self._first(agent, entry, key)
             session.inflight += 1
             try:
                 await asyncio.shield(session.ready)
@@ -65,9 +66,9 @@ class Sessions:
                 raise
             # the request registering it went away first: try again
 
-    async def _first(self, agent, entry):
+    async def _first(self, agent, entry, key):
         """Create and register a session; waiters share the outcome."""
-        session = self.table[agent] = Session(agent, entry.alias, self.clock())
+        session = self.table[agent] = Session(agent, entry.alias, self.clock(), key)
         session.inflight += 1
         try:
             await self.register(session, entry)
@@ -97,9 +98,10 @@ class Sessions:
         """REGISTER the session's agent (adopting one already registered); HttpError if
         refused."""
         timeout = self.cfg.request_timeout_s
+        keyed = {"key": session.key} if session.key is not None else {}
         for attempt in (0, 1):
             reply = await self.link.call("REGISTER", timeout, agent=session.agent,
-                                         model=entry.model, **entry.context)
+                                         model=entry.model, **entry.context, **keyed)
             status, code = reply.get("status"), reply.get("code")
             if status == "ok":
                 session.text = ""
@@ -111,6 +113,9 @@ class Sessions:
                 return
             if code == Code.LIMIT and reply.get("reason") == Reason.AGENTS_PER_CLIENT and \
                     attempt == 0 and await self.evict_one():
+                continue
+            if code == Code.QUOTA and reply.get("reason") == Reason.MAX_AGENTS and \
+                    attempt == 0 and await self.evict_one(same_key=session):
                 continue
             if code == Code.MODEL_ERROR and reply.get("reason") in (Reason.UNKNOWN_KEY,
                                                                     Reason.NOT_FOUND):
@@ -130,10 +135,13 @@ class Sessions:
         return [s for s in self.table.values() if s.inflight == 0 and s.ready.done()
                 and not s.ready.exception() and s.last_used <= older_than]
 
-    async def evict_one(self):
+    async def evict_one(self, same_key=None):
         """UNREGISTER the least recently used idle session (the broker's per-client agent
-        limit was reached); False when none is idle."""
-        idle = sorted(self._idle(self.clock()), key=lambda s: s.last_used)
+        limit was reached; same_key: a quotas client's max_agents, so one of that session's
+        client); False when none is idle."""
+        idle = sorted((s for s in self._idle(self.clock()) if same_key is None or
+                       (s.key == same_key.key and s is not same_key)),
+                      key=lambda s: s.last_used)
         if not idle:
             return False
         del self.table[idle[0].agent]

@@ -66,8 +66,8 @@ class BrokerProc:
             self.log.close()
             raise AssertionError(f"{exc}:\n{log}") from None
 
-    def client(self, timeout=60.0, curve=None):
-        return Client(self.endpoint, timeout=timeout, curve=curve or self.curve)
+    def client(self, timeout=60.0, curve=None, key=None):
+        return Client(self.endpoint, timeout=timeout, curve=curve or self.curve, key=key)
 
     def status(self):
         with self.client() as c:

@@ -31,7 +31,7 @@ from lmx.common.jobs import (EngineSummary, GroupState, Measured, ModelState, Re
 from lmx.worker import parkdisk
 from lmx.worker.chatrun import ChatMixin
 from lmx.worker.decode import DecodeMixin
-from lmx.worker.model import Model, Slot, nvml_delta, trim_heap, device_bytes
+from lmx.worker.model import LoadProgress, Model, Slot, device_bytes, nvml_delta, trim_heap
 from lmx.worker.llamalog import LlamaLog
 from lmx.worker.parking import ParkMixin
 from lmx.worker.seats import Group, SeatMixin
@@ -67,15 +67,20 @@ class Engine(ChatMixin, DecodeMixin, ParkMixin, SeatMixin):
 
     # -- models -------------------------------------------------------------------------
 
-    def _acquire(self, path):
+    def _acquire(self, path, on_progress=None):
         model = self.models.get(path)
         if model is None:
             params = llama_cpp.llama_model_default_params()
             params.n_gpu_layers = -1 if self.gpu else 0
+            relay = LoadProgress(on_progress) if on_progress is not None else None
+            if relay is not None:       # held until the load returns: it owns the callback
+                params.progress_callback = relay.c_callback
             self.llama_log.reset()
             before = self.process_bytes()
             t0 = time.perf_counter()
             ptr = llama_cpp.llama_model_load_from_file(path.encode(), params)
+            if ptr and relay is not None:
+                relay.finish()
             if not ptr:
                 why = self.llama_log.last_error() or "llama.cpp returned no model"
                 raise LmxError(Code.MODEL_ERROR, f"llama.cpp could not load {path}: {why}",
@@ -106,9 +111,10 @@ class Engine(ChatMixin, DecodeMixin, ParkMixin, SeatMixin):
 
     # -- agents -------------------------------------------------------------------------
 
-    def register(self, agent, path, spec, resume=False, seat=None):
+    def register(self, agent, path, spec, resume=False, seat=None, on_progress=None):
         """Acquire the model (refcounted) and create the agent's slot (spec: ContextSpec);
-        return a RegisterResult.
+        return a RegisterResult. on_progress(fraction): llama.cpp's load progress, when this
+        call loads the model.
 
         seat: the broker's placement ({"group", "capacity"}): the slot takes a seat now.
         Without one it is seated at its first DECODE. resume: pick up the agent's state parked
@@ -116,7 +122,7 @@ class Engine(ChatMixin, DecodeMixin, ParkMixin, SeatMixin):
         if agent in self.slots:
             raise LmxError(Code.AGENT_EXISTS, f"agent {agent!r} already has a slot")
         fresh = path not in self.models
-        model = self._acquire(path)
+        model = self._acquire(path, on_progress)
         slot = self.slots[agent] = Slot(agent, model, spec)
         resumed = resume and self._resume(slot)
         if not resume and self.park_dir:

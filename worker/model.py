@@ -3,7 +3,10 @@ import llama_cpp  # noqa: I001  -- before numpy (CUDA load order), as everywhere
 
 import codecs
 import ctypes
+import logging
 import time
+
+log = logging.getLogger("lmx.worker")
 
 
 def device_bytes(buffers, cuda):
@@ -44,6 +47,42 @@ class Emitter:
             self.first.append(time.perf_counter())
         if self.on_token is not None:
             self.on_token(index, token, self.decoder.decode(self.model.piece(token)))
+
+
+class LoadProgress:
+    """llama.cpp's progress callback for one model load (llama_model_params.progress_callback,
+    called inside llama_model_load_from_file), throttled: send(fraction) when MIN_STEP more is
+    loaded or MIN_GAP_S passed since the last send, never a smaller fraction, and 1.0 once.
+    Keep the object alive during the load: it holds the ctypes callback."""
+
+    MIN_STEP = 0.05
+    MIN_GAP_S = 0.1
+
+    def __init__(self, send, clock=time.monotonic):
+        self.send, self.clock = send, clock
+        self.last, self.at = None, None          # the last fraction sent, and when
+        self.c_callback = llama_cpp.llama_progress_callback(self._called)
+
+    def _called(self, fraction, _user_data):
+        try:
+            self.offer(float(fraction))
+        except Exception:  # raising into C would return false and abort the load
+            log.exception("worker: sending load progress failed")
+        return True
+
+    def offer(self, fraction):
+        """One reading from llama.cpp: send it if the throttle lets it through."""
+        fraction = min(max(fraction, 0.0), 1.0)
+        if self.last is not None and (fraction <= self.last or (
+                fraction < 1.0 and fraction - self.last < self.MIN_STEP and
+                self.clock() - self.at < self.MIN_GAP_S)):
+            return
+        self.last, self.at = fraction, self.clock()
+        self.send(fraction)
+
+    def finish(self):
+        """The load succeeded: make sure 1.0 was said."""
+        self.offer(1.0)
 
 
 def nvml_delta(before, after):

@@ -27,8 +27,8 @@ from typing import NamedTuple, Optional
 from lmx.common import protocol
 from lmx.common.ctxspec import ContextSpec
 from lmx.common.errors import Code, LmxError
-from lmx.common.jobs import (ChatJob, DecodeJob, ParkJob, RegisterJob, ResizeJob, ResizeResult,
-                             Result, UnregisterJob)
+from lmx.common.jobs import (ChatJob, DecodeJob, LoadFraction, ParkJob, RegisterJob, ResizeJob,
+                             ResizeResult, Result, UnregisterJob)
 
 log = logging.getLogger("lmx.worker")
 
@@ -78,7 +78,7 @@ class Scheduler:
         elif isinstance(job, RegisterJob):
             self._finish(item, lambda: self.engine.register(
                 job.agent, job.path, ContextSpec(**job.spec), resume=bool(job.resume),
-                seat=job.seat))
+                seat=job.seat, on_progress=self._progress(item) if job.progress else None))
         elif isinstance(job, ResizeJob):
             self._finish(item, lambda: self._resize(job))
         elif isinstance(job, ParkJob):
@@ -234,6 +234,13 @@ class Scheduler:
         result.engine = self.engine.summary()
         self.sock.send_multipart(protocol.encode_request("RESULT", item.id,
                                                          **result.to_wire()))
+
+    def _progress(self, item):
+        """on_progress for a REGISTER's model load: PROGRESS events with the job's id."""
+        def on_progress(fraction):
+            self.sock.send_multipart(protocol.encode_request(
+                "PROGRESS", item.id, **LoadFraction(fraction).to_wire()))
+        return on_progress
 
     def _stream(self, item):
         def on_token(index, token, text):

@@ -12,6 +12,8 @@ from lmx.broker.measured import with_margin
 from lmx.common.ctxspec import ContextSpec
 from lmx.common.errors import Code, LmxError, Reason
 from lmx.common.jobs import RegisterJob, UnregisterJob
+from lmx.common.quotas import DEFAULT_CLIENT
+from lmx.common.replies import LoadProgress
 
 
 def start_register(core, op):
@@ -24,7 +26,10 @@ def start_register(core, op):
         raise LmxError(Code.LIMIT, f"this client already has {owned} agents (the limit)",
                        Reason.AGENTS_PER_CLIENT, limit=cfg.max_agents_per_client)
     core.need_worker()
-    op.estimate = core.estimate(op.fields["model"], op.fields["spec"], core.worker.kind)
+    spec = op.fields["spec"]
+    op.estimate = core.estimate(op.fields["model"], spec, core.worker.kind)
+    core.quotas.check_register(core, op.fields.get("client", DEFAULT_CLIENT), spec.n_ctx,
+                               seats.split(op.estimate)[0])
     limit = cfg.max_live_contexts
     if limit and sum(1 for a in core.agents.values() if a.live) >= limit:
         core.room.append(op)    # --max-live-contexts: room.pump parks an idle agent first
@@ -58,7 +63,8 @@ def book_register(core, op, owner=None, state="registering", seat=True):
                 op.identity if owner is None else owner, seat_bytes,
                 est.estimated.get("context_device", est.context), est.context_source,
                 core.wall, state=state, live=False, compute_bytes=compute,
-                last_used=core.now)     # a new agent is not the least recently used
+                last_used=core.now,     # a new agent is not the least recently used
+                client=op.fields.get("client", DEFAULT_CLIENT))
     weights = {} if mrec is not None else {f"model:{est.path}": est.weights}
     if seat:
         got = seats.take(core, rec, weights)
@@ -83,7 +89,18 @@ def book_register(core, op, owner=None, state="registering", seat=True):
 
 def send_register(core, op):
     rec = core.agents[op.agent]
-    core.send(op, RegisterJob(op.agent, rec.path, rec.spec, seat=op.seat))
+    core.send(op, RegisterJob(op.agent, rec.path, rec.spec, seat=op.seat,
+                              progress=bool(op.fields.get("progress"))))
+
+
+def on_progress(core, ev):
+    """The worker is loading a REGISTER's model: tell the client that asked for progress
+    (a partial reply; the final reply is unchanged)."""
+    core.worker.last_seen = ev.now
+    op = core.jobs.get(ev.job_id)
+    if op is not None and op.verb == "REGISTER" and op.fields.get("progress"):
+        core.reply(op.identity, op.msg_id, dict(LoadProgress(op.agent, ev.fraction).to_wire(),
+                                                status="partial"))
 
 
 def register_done(core, op, result):
@@ -95,7 +112,8 @@ def register_done(core, op, result):
         return
     out = result.out
     rec.state = "ready"
-    core.journal.put(op.agent, {"model": rec.model, "path": rec.path, "spec": rec.spec})
+    core.journal.put(op.agent, {"model": rec.model, "path": rec.path, "spec": rec.spec,
+                                "client": rec.client})
     core.lost.pop(op.agent, None)
     mrec = core.models[rec.path]
     if out.model_loaded and out.model_measured is not None:

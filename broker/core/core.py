@@ -15,8 +15,9 @@ import itertools
 
 from lmx.broker.core import booking, chatreq, outcomes, recovery, room, views
 from lmx.broker.core.events import (CancelJob, ClientRequest, ClientSlow, Log, Reply, SendJob, Tick,
-                                    WorkerHeartbeat, WorkerLost, WorkerReady, WorkerResult,
-                                    WorkerStarting, WorkerToken)
+                                    WorkerHeartbeat, WorkerLost, WorkerProgress, WorkerReady,
+                                    WorkerResult, WorkerStarting, WorkerToken)
+from lmx.broker.core.quotas import QuotaBook
 from lmx.broker.core.state import Lane, Op
 from lmx.broker.ledger import Ledger
 from lmx.common import protocol
@@ -65,6 +66,7 @@ class Core:
         self.lanes = {}                   # agent name -> Lane
         self.jobs = {}                    # job id -> the Op waiting for it
         self.room = room.RoomQueue()
+        self.quotas = QuotaBook(config.quotas)
         self.worker = WorkerView()
         self.counters = {"requests": 0, "errors": 0}
         self.revision = 0                 # bumped on every change STATUS could show
@@ -72,6 +74,7 @@ class Core:
         self._ids = itertools.count(1)
         self._out = []
         self._events = {ClientRequest: self._on_client, WorkerToken: self._on_token,
+                        WorkerProgress: lambda ev: booking.on_progress(self, ev),
                         WorkerResult: lambda ev: outcomes.on_result(self, ev),
                         WorkerReady: lambda ev: recovery.on_ready(self, ev),
                         WorkerHeartbeat: lambda ev: recovery.on_heartbeat(self, ev),
@@ -160,9 +163,12 @@ class Core:
         if spec.n_ctx > self.config.max_n_ctx:
             raise LmxError(Code.BAD_REQUEST, f"n_ctx must be in [64, {self.config.max_n_ctx}]",
                            Reason.BAD_VALUE, field="n_ctx")
+        client = self.quotas.client(f.get("key"))
         self._check_depth()
-        self._enqueue(Op("REGISTER", f["agent"], {"model": f["model"], "spec": spec}, ev.now,
-                         ev.identity, ev.msg_id))
+        self._enqueue(Op("REGISTER", f["agent"], {"model": f["model"], "spec": spec,
+                                                  "client": client,
+                                                  "progress": bool(f.get("progress"))},
+                         ev.now, ev.identity, ev.msg_id))
 
     def _unregister(self, ev):
         self._check_depth()
@@ -183,6 +189,7 @@ class Core:
         if deadline_ms is not None and not 1 <= deadline_ms <= 3_600_000:
             raise LmxError(Code.BAD_REQUEST, "deadline_ms must be in [1, 3600000]",
                            Reason.BAD_VALUE, field="deadline_ms")
+        self.quotas.client(f.get("key"))        # a wrong key is refused; the agent's counts
         self._check_depth()
         self._enqueue(Op("DECODE", f["agent"], f, ev.now, ev.identity, ev.msg_id,
                          deadline=ev.now + deadline_ms / 1000 if deadline_ms else None))
@@ -193,6 +200,7 @@ class Core:
         deadline_ms = f.get("deadline_ms")
         if deadline_ms is not None and not 1 <= deadline_ms <= 3_600_000:
             raise chatreq.bad("deadline_ms", "must be in [1, 3600000]")
+        self.quotas.client(f.get("key"))        # a wrong key is refused; the agent's counts
         self._check_depth()
         self._enqueue(Op("CHAT", f["agent"], fields, ev.now, ev.identity, ev.msg_id,
                          deadline=ev.now + deadline_ms / 1000 if deadline_ms else None))
@@ -289,6 +297,7 @@ class Core:
 
     def _start_run(self, op):
         rec = self.agent(op.agent)
+        self.quotas.check_run(rec.client, self.now)
         self.need_worker()
         if rec.live and not room.blocks(self) and not room.over_live_limit(self):
             self.launch_run(op)
@@ -369,4 +378,6 @@ class Core:
         return views.status_reply(self).to_wire()
 
     def status_dynamic(self):
-        return dict(uptime_s=round(self.wall - self.started, 1), **self.counters)
+        """STATUS's fields that change without an event: uptime, counters, quota use."""
+        return dict(uptime_s=round(self.wall - self.started, 1), **self.counters,
+                    quotas=self.quotas.view(self, self.now))

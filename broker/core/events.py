@@ -64,6 +64,15 @@ class WorkerToken:
 
 
 @dataclass
+class WorkerProgress:
+    """How far the worker is in loading a REGISTER job's model (0.0 to 1.0)."""
+
+    job_id: int
+    fraction: float
+    now: float
+
+
+@dataclass
 class WorkerStarting:
     """The server started a new worker process (after a SpawnWorker)."""
 

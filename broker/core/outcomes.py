@@ -71,10 +71,12 @@ def run_done(core, op, result):
 
 
 def _count(core, rec, out):
-    """What every finished DECODE or CHAT adds to its agent's record."""
+    """What every finished DECODE or CHAT adds to its agent's record and its client's
+    tokens_per_minute window."""
+    generated = getattr(out, "completion_tokens", None) or getattr(out, "generated_tokens", 0)
     rec.decodes += 1
-    rec.generated_tokens += getattr(out, "completion_tokens", None) or getattr(
-        out, "generated_tokens", 0)
+    rec.generated_tokens += generated
+    core.quotas.spend(rec.client, out.prompt_tokens + generated, core.now)
     rec.last_active, rec.last_used, rec.unparkable = core.wall, core.now, False
     return out
 

@@ -15,6 +15,7 @@ from lmx.broker.estimator import CUDA_OVERHEAD
 from lmx.common.ctxspec import ContextSpec
 from lmx.common.errors import Code, LmxError
 from lmx.common.jobs import RegisterJob
+from lmx.common.quotas import DEFAULT_CLIENT
 from lmx.common.replies import UnregisterReply
 
 
@@ -133,13 +134,20 @@ def _replay_journal(core):
             continue
         try:
             spec = ContextSpec(**entry["spec"])
-            op = Op("REGISTER", name, {"model": entry["model"], "spec": spec}, core.now)
+            op = Op("REGISTER", name, {"model": entry["model"], "spec": spec,
+                                       "client": _client(core, entry.get("client"))}, core.now)
             op.estimate = core.estimate(entry["model"], spec, core.worker.kind)
             denial = booking.book_register(core, op, owner=b"", state="restoring", seat=False)
             if denial is not None:
                 raise denial.error(f"agent {name!r}")
         except (LmxError, TypeError, KeyError) as exc:
             mark_lost(core, name, f"journal replay: {exc}")
+
+
+def _client(core, name):
+    """A journaled agent's quotas client: kept while the quotas file still names it."""
+    config = core.quotas.config
+    return name if config is not None and name in config.clients else DEFAULT_CLIENT
 
 
 def mark_lost(core, name, why):

@@ -5,6 +5,7 @@ from typing import Optional
 
 from lmx.common import config as cfg
 from lmx.common import protocol
+from lmx.common.quotas import DEFAULT_CLIENT
 
 VERSION = "0.2.0"
 
@@ -42,6 +43,7 @@ class BrokerConfig:
     measure_margin_percent: int = 5    # booking after reconciliation = measured + this
     others_margin: int = 256 << 20     # kept free below what other processes hold
     chat_templates: dict = field(default_factory=dict)   # model path -> template text
+    quotas: Optional[object] = None    # common.quotas.QuotaConfig (--quotas); None: no quotas
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Agent:
     context_reset: bool = False         # tell the next DECODE its conversation was lost
     compute_bytes: int = 0              # its group's compute buffer (the estimate's split)
     gid: Optional[int] = None           # the group it has a seat in while live
+    client: str = DEFAULT_CLIENT        # the quotas client that registered it (its key's)
 
 
 @dataclass

@@ -32,7 +32,7 @@ def agent_record(core, rec):
         rec.measured_bytes, rec.source, rec.parked_bytes, rec.parked_pinned,
         rec.parked == "disk", rec.batch if rec.live else 0, rec.n_past,
         queue_depth(core, rec.name), rec.decodes, rec.generated_tokens, rec.parks,
-        rec.owner.hex(), rec.registered_at, rec.last_active)
+        rec.owner.hex(), rec.registered_at, rec.last_active, rec.client)
 
 
 def list_reply(core):
