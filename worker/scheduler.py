@@ -7,8 +7,9 @@ each step evaluates one token of every running agent of a group in one llama_dec
 on one model are batched and none starves; groups (different models or specs) take turns of
 `quantum` steps, and new jobs are taken between turns; a turn ends after one step when jobs
 are waiting, so a newcomer joins the running agents' next step (its time to first token is a
-step, not a quantum) and a short request is not stuck behind a long one. REGISTER, PARK and RESIZE run as soon as they arrive; the broker sends PARK only for
-an agent with no work in flight, so a PARK for one with work here is a broker bug (INTERNAL).
+step, not a quantum) and a short request is not stuck behind a long one. REGISTER, PARK and
+RESIZE run as soon as they arrive; the broker sends PARK only for an agent with no work in
+flight, so a PARK for one with work here is a broker bug (INTERNAL).
 Each step also carries chunks of newcomers' prompts (decode.py). A DECODE or CHAT cancelled
 or past its deadline before it starts is answered without running; once running it stops at
 its next token (a CHAT streams TOKEN events whose text is the delta).
