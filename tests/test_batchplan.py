@@ -132,3 +132,12 @@ def test_random_groups_plan_single_ubatches_within_n_ubatch(seed):
         assert fresh[0] in chosen
         for seq, pos in fillers:
             assert pos + len([i for i in items if i[0] == seq]) <= 256
+
+
+def test_without_fillers_the_window_holds_adjacent_newcomers_only():
+    group = make_group(8)
+    a, b, c = newcomer(group, 1, 6), newcomer(group, 2, 9), newcomer(group, 5, 10)
+    items, fillers, chosen = batchplan.prompt_batch(group, [a, b, c], 512, fillers=False)
+    assert chosen == [a, b] and fillers == [] and len(items) == 2 * 6
+    items, fillers, chosen = batchplan.prompt_batch(group, [c, a], 512, fillers=False)
+    assert chosen == [c] and fillers == [] and len(items) == 10

@@ -4,7 +4,8 @@ A group's context keeps one KV stream per seat (``kv_unified`` off), and llama.c
 batch into micro-batches (ubatches) with ``split_equal(sequential)``: a ubatch holds consecutive
 sequence ids only, and the same number of tokens from each. Every ubatch of a new shape costs a
 graph build and a round of kernel launches (about 5 ms for a 30-layer model on the H200,
-whatever its size), so a step is planned as at most two batches that split into one ubatch each:
+whatever its size), so a step is planned as at most two batches that split into one ubatch each
+(on the CPU, where a batch costs by its tokens, the prompts' batch takes no fillers):
 
 - the rows: the one pending token of every running agent, in seat order, with a one-token
   filler for every seat between them that has none (``contiguous``);
@@ -59,13 +60,16 @@ def rows_batch(runs):
     return items
 
 
-def _window(group, fresh, n_ubatch):
+def _window(group, fresh, n_ubatch, fillers):
     """The newcomers (a run of them in seat order, always with the oldest) and the chunk
-    length L that give the most prompt tokens in one ubatch of n_ubatch."""
+    length L that give the most prompt tokens in one ubatch of n_ubatch; without fillers,
+    only newcomers on adjacent seats."""
     order = sorted(fresh, key=lambda run: run.slot.seq)
     at = order.index(fresh[0])
 
     def gap_room(a, b):            # the least filler room over the seats strictly between
+        if not fillers and b > a + 1:
+            return 0
         rooms = [_filler_room(group, s)[0] for s in range(a + 1, b)]
         return min(rooms, default=n_ubatch)
 
@@ -94,12 +98,15 @@ def _window(group, fresh, n_ubatch):
     return order[i:j + 1], max(1, length)
 
 
-def prompt_batch(group, fresh, n_ubatch):
+def prompt_batch(group, fresh, n_ubatch, fillers=True):
     """(items, fillers, the runs in it) for the newcomers' prompts (fresh: runs with more than
     one pending token, oldest first): L tokens of each newcomer in a window of seats, an
     L-token filler on every other seat in it; a newcomer whose prompt ends here has its row
-    (logits) at its last token. The tokens move from pending to the slot's tokens."""
-    chosen, length = _window(group, fresh, n_ubatch)
+    (logits) at its last token. The tokens move from pending to the slot's tokens.
+
+    fillers=False (the CPU, where a batch costs by its tokens, not by its ubatches): the
+    window holds newcomers on adjacent seats only, no filler is computed for nothing."""
+    chosen, length = _window(group, fresh, n_ubatch, fillers)
     first, last = chosen[0].slot.seq, chosen[-1].slot.seq
     runs = {run.slot.seq: run for run in chosen}
     items, fillers = [], []

@@ -187,8 +187,8 @@ class DecodeMixin:
             # the rows' fillers first: planning the prompts moves their tokens into the slots
             rows = batchplan.contiguous(group, rows) if rows else None
             fresh = [run for run in group_runs if len(run.slot.pending) > 1]
-            prompts = (batchplan.prompt_batch(group, fresh, group.spec.n_ubatch) if fresh
-                       else None)
+            prompts = (batchplan.prompt_batch(group, fresh, group.spec.n_ubatch,
+                                              fillers=self.gpu) if fresh else None)
             width = (sum(1 for item in rows[0] if item[3] is not None) if rows else 0) + (
                 len(prompts[2]) if prompts else 0)
             for run in group_runs:
