@@ -73,7 +73,8 @@ CLIENT_VERBS = {
     "LIST": {},
     "REGISTER": {"agent": Field(str), "model": Field(str), "n_ctx": Field(int, False),
                  "flash_attn": Field(bool, False), "type_k": Field(str, False),
-                 "type_v": Field(str, False), "swa_full": Field(bool, False)},
+                 "type_v": Field(str, False), "swa_full": Field(bool, False),
+                 "device": Field((int, str), False)},
     "UNREGISTER": {"agent": Field(str)},
     "DECODE": {"agent": Field(str), "prompt": Field(str), "n_predict": Field(int),
                "stream": Field(bool, False), "deadline_ms": Field(int, False)},
@@ -116,7 +117,8 @@ WORKER_JOBS = {
 
 # Worker -> broker messages.
 WORKER_EVENTS = {
-    "READY": {"pid": Field(int), "device": Field(dict), "streaming": Field(dict, False)},
+    "READY": {"pid": Field(int), "device": Field(dict), "streaming": Field(dict, False),
+              "name": Field(str, False)},     # the worker's name: its device at the broker
     "HEARTBEAT": {"device": Field(dict, False)},
     "RESULT": {"status": Field(str)},
     "TOKEN": {"index": Field(int), "token": Field(int), "text": Field(str)},
@@ -129,7 +131,8 @@ VERB_HELP = {
     "STATUS": "ledger, device totals, worker pid/state, agents and models",
     "LIST": "registered agents with their model, bytes and state",
     "REGISTER": "agent, model (table key or GGUF path), n_ctx?, flash_attn?, type_k?, type_v?, "
-                "swa_full?: admit and build an agent",
+                "swa_full?, device? (an index or name from STATUS devices: pin it there): "
+                "admit, place and build an agent",
     "UNREGISTER": "agent: release the agent's bytes, slot and model reference",
     "DECODE": "agent, prompt, n_predict, stream?, deadline_ms?: greedy-decode continuing the "
               "agent's conversation; with stream, partial replies carry each token",

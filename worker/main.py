@@ -19,8 +19,11 @@ import signal
 import threading
 import time
 
+import socket
+
 import click
 import zmq
+import zmq.auth
 from click.core import ParameterSource
 
 from lmx.common import protocol
@@ -50,11 +53,13 @@ def compute_loop(ctx, jobs, engine, cancelled, quantum):
 class Worker:
     """The IO side: register with the broker, forward jobs and results, heartbeat."""
 
-    def __init__(self, broker, device, engine, heartbeat_s, liveness, quantum=4):
+    def __init__(self, broker, device, engine, heartbeat_s, liveness, quantum=4, name=None,
+                 curve=None):
         self.ctx = zmq.Context()
         self.results = make_socket(self.ctx, zmq.PAIR, RESULTS, bind=True)
-        self.sock = make_socket(self.ctx, zmq.DEALER, broker)
+        self.sock = make_socket(self.ctx, zmq.DEALER, broker, curve=curve)
         self.device = device
+        self.name = name or default_name(device)
         self.heartbeat_s = heartbeat_s
         self.liveness = liveness
         self.jobs = queue.Queue()
@@ -72,7 +77,7 @@ class Worker:
     def run(self):
         """Main loop: until SHUTDOWN, a signal, or the broker falls silent."""
         self.thread.start()
-        self.send("READY", pid=os.getpid(), device=ready_device(self.device))
+        self.send("READY", pid=os.getpid(), device=ready_device(self.device), name=self.name)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.results, zmq.POLLIN)
@@ -144,6 +149,28 @@ def incoming(msg, received):
             Code.INTERNAL, f"broker sent a {msg.verb} the worker cannot read: {exc}"))
 
 
+def default_name(device):
+    """HOST:gpuN or HOST:cpu: how the broker knows this worker's device across restarts."""
+    where = f"gpu{device.index}" if device.kind == "cuda" else "cpu"
+    return f"{socket.gethostname()}:{where}"
+
+
+def curve_keys(cfg):
+    """(public, secret, server public) for a tcp broker, from zmq.auth key files; None for
+    ipc. A tcp broker without keys is refused: the broker admits only known workers."""
+    if not cfg.broker.startswith("tcp://"):
+        return None
+    if not cfg.curve_secret_key or not cfg.curve_server_key:
+        raise click.UsageError(f"{cfg.broker} is a TCP broker: give --curve-secret-key (this "
+                               "worker's zmq.auth secret key) and --curve-server-key (the "
+                               "broker's public key)")
+    public, secret = zmq.auth.load_certificate(cfg.curve_secret_key)
+    server, _ = zmq.auth.load_certificate(cfg.curve_server_key)
+    if secret is None:
+        raise click.UsageError(f"{cfg.curve_secret_key} holds no secret key")
+    return public, secret, server
+
+
 def ready_device(device):
     """READY's device map: a reading plus whether the layer streamer can run here (decided
     without importing numba)."""
@@ -164,7 +191,8 @@ _FIELDS = {"broker": "broker", "vram_total": "vram_total", "gpu_index": "gpu_ind
            "force_cpu": "force_cpu", "threads": "threads", "heartbeat": "heartbeat_s",
            "liveness": "liveness", "simulate_others": "simulate_others",
            "max_batch": "max_batch", "quantum": "quantum", "park_dir": "park_dir",
-           "log_level": "log_level"}
+           "log_level": "log_level", "name": "name", "curve_secret_key": "curve_secret_key",
+           "curve_server_key": "curve_server_key"}
 
 
 def _size_option(ctx, param, value):
@@ -221,12 +249,21 @@ def build_config(ctx, config, options):
 @click.option("--park-dir", type=click.Path(file_okay=False), default=_D.park_dir,
               help="Parked state files: states a PARK sends to disk, and a copy of every "
               "parked state so a restart can resume conversations.")
+@click.option("--name", default=_D.name, help="How the broker knows this worker's device; "
+              "a worker that comes back under the same name gets its device and agents back "
+              "[default: HOST:gpuN or HOST:cpu].")
+@click.option("--curve-secret-key", type=click.Path(exists=True, dir_okay=False),
+              default=_D.curve_secret_key, help="tcp:// broker: this worker's zmq.auth secret "
+              "key file (its public key must be in the broker's --curve-workers folder).")
+@click.option("--curve-server-key", type=click.Path(exists=True, dir_okay=False),
+              default=_D.curve_server_key, help="tcp:// broker: the broker's public key file.")
 @click.option("--log-level", default=_D.log_level, show_default=True)
 def main(config, **options):
     """Run one lmx worker: the llama.cpp backend for one GPU (or the CPU)."""
     cfg = build_config(click.get_current_context(), config, options)
     if not cfg.broker:
         raise click.UsageError("no broker endpoint: give --broker or --config")
+    curve_keys(cfg)                      # a tcp broker without keys is a usage error
     serve(cfg)
 
 
@@ -242,12 +279,13 @@ def serve(cfg):
     engine = Engine(n_threads, gpu=device.kind == "cuda", pinned=device.kind == "cuda",
                     process_bytes=lambda: device.read()["process_bytes"],
                     park_dir=cfg.park_dir, max_batch=cfg.max_batch)
-    worker = Worker(cfg.broker, device, engine, cfg.heartbeat_s, cfg.liveness, cfg.quantum)
+    worker = Worker(cfg.broker, device, engine, cfg.heartbeat_s, cfg.liveness, cfg.quantum,
+                    cfg.name, curve_keys(cfg))
     # Signal handlers do no work: they ask the loop to stop.
     signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "stop", True))
     signal.signal(signal.SIGINT, lambda *_: setattr(worker, "stop", True))
-    log.info("worker: pid=%d device=%s threads=%d broker=%s", os.getpid(),
-             device.read()["name"], n_threads, cfg.broker)
+    log.info("worker: pid=%d name=%s device=%s threads=%d broker=%s", os.getpid(),
+             worker.name, device.read()["name"], n_threads, cfg.broker)
     worker.run()
 
 

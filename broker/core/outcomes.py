@@ -6,23 +6,24 @@ from lmx.common.replies import ChatReply, DecodeReply
 
 def on_result(core, ev):
     """A job finished: take its facts, then finish the op that waited for it."""
-    core.worker.last_seen = ev.now
     op = core.jobs.pop(ev.job_id, None)
     if op is None:
         core.log("error", f"worker: result for unknown job {ev.job_id}")
         return
+    dev = core.devices[op.dev]
+    dev.last_seen = ev.now
     result = ev.result
     if result.engine is not None:
-        core.worker.engine = result.engine
+        dev.engine = result.engine
     if result.ok and result.out is not None:
         verb = "REGISTER" if op.verb == "RESTORE" else op.verb
         result.out = RESULT_TYPES[verb].from_wire(result.out)
     if result.slot is not None:
         absorb_slot(core, result.slot)
     _DONE[op.verb](core, op, result)
-    seats.sync(core, result.engine)
-    seats.reconcile(core, result.engine)
-    booking.reconcile_overhead(core, core.worker.engine)
+    seats.sync(core, dev.index, result.engine)
+    seats.reconcile(core, dev.index, result.engine)
+    booking.reconcile_overhead(core, dev)
 
 
 def absorb_slot(core, slot):

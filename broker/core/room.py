@@ -13,11 +13,11 @@ and bytes are released only when the worker confirms. A refused PARK leaves the 
 and booked. Only then is the op's seat booked, so the ledger never books what is still
 allocated.
 
-While one op waits, every later DECODE waits behind it (first come, first served), so busy
-agents go idle in turn and the waiting one cannot starve. When nothing is running that could
-free room, the head is answered at once instead of waiting forever.
+While one op waits, every later DECODE on its device waits behind it (first come, first
+served), so busy agents go idle in turn and the waiting one cannot starve. When nothing is
+running that could free room, the head is answered at once instead of waiting forever. Each
+device has its own queue and plans with its own agents and ledger only.
 """
-import collections
 from dataclasses import dataclass
 from typing import Optional
 
@@ -29,22 +29,19 @@ from lmx.common.jobs import ParkJob, ResizeJob
 RUNS = ("DECODE", "CHAT")
 
 
-class RoomQueue(collections.deque):
-    """Ops waiting for room to make their agent live, in arrival order."""
-
-
 def parked_ram(core):
     """Host bytes of every parked state the worker holds in RAM (the park budget's use)."""
     return sum(a.parked_bytes for a in core.agents.values() if a.parked == "ram")
 
 
-def live_count(core):
-    return sum(1 for a in core.agents.values() if a.live)
+def live_count(core, dev):
+    return sum(1 for a in core.agents.values() if a.live and a.dev == dev.index)
 
 
-def over_live_limit(core):
+def over_live_limit(core, dev):
+    """--max-live-contexts counts the live agents of each device."""
     limit = core.config.max_live_contexts
-    return bool(limit) and live_count(core) > limit
+    return bool(limit) and live_count(core, dev) > limit
 
 
 @dataclass
@@ -66,12 +63,12 @@ def _need(core, op, rec):
     est = op.estimate
     seat, compute = seats.split(est)
     return (est.path, op.fields["spec"].as_dict(), seat, compute,
-            0 if est.path in core.models else est.weights)
+            0 if est.path in core.devices[op.dev].models else est.weights)
 
 
 def need_bytes(core, op, rec):
     path, spec, seat, compute, weights = _need(core, op, rec)
-    return seats.cheapest(core, path, spec, seat, compute) + weights
+    return seats.cheapest(core, op.dev, path, spec, seat, compute) + weights
 
 
 def _total(group, capacity):
@@ -85,17 +82,18 @@ def plan(core, op, rec):
     move, nothing is rebuilt); else free seats of other groups are reclaimed, then the least
     recently used idle agents are parked and their groups shrunk. --max-live-contexts may ask
     for more parks."""
-    live = live_count(core) + (0 if rec is not None and rec.live else 1)
+    dev = core.devices[op.dev]
+    live = live_count(core, dev) + (0 if rec is not None and rec.live else 1)
     limit = core.config.max_live_contexts
     extra = max(live - limit, 0) if limit else 0
     idle = sorted((a for a in core.agents.values() if a.live and a is not rec and
-                   a.state == "ready" and not a.unparkable and core.lane_idle(a.name)),
-                  key=lambda a: a.last_used)
+                   a.dev == dev.index and a.state == "ready" and not a.unparkable and
+                   core.lane_idle(a.name)), key=lambda a: a.last_used)
     if rec is not None and rec.live:
         return [Step("park", v.name) for v in idle[:extra]] if len(idle) >= extra else None
     path, spec, seat, compute, weights = _need(core, op, rec)
-    need = seats.cheapest(core, path, spec, seat, compute) + weights
-    free = core.ledger.max_bytes - core.ledger.allocated_bytes
+    need = seats.cheapest(core, dev.index, path, spec, seat, compute) + weights
+    free = dev.free_bytes
     if free >= need and not extra:
         return []
     same = [a for a in idle if a.path == path and a.spec == spec]
@@ -104,15 +102,17 @@ def plan(core, op, rec):
         if len(others) < extra - 1:
             return None
         return [Step("park", v.name) for v in [same[0]] + others]
-    return _plan_bytes(core, idle, need - free, extra, (path, spec))
+    return _plan_bytes(core, dev, idle, need - free, extra, (path, spec))
 
 
-def _plan_bytes(core, idle, short, extra, key):
+def _plan_bytes(core, dev, idle, short, extra, key):
     """Resizes of other groups' free seats, then parks (the last of a group shrinks it)."""
     steps, freed = [], 0
     for group in sorted(core.groups.values(), key=lambda g: (len(g.members), g.gid)):
         if freed >= short:
             break
+        if group.dev != dev.index:
+            continue
         if group.free > 0 and (group.path, group.spec) != key:
             steps.append(Step("resize", group=group.gid, shrink=len(group.members)))
             freed += _total(group, group.capacity) - _total(group, len(group.members))
@@ -137,21 +137,26 @@ def _plan_bytes(core, idle, short, extra, key):
 
 
 def pump(core):
-    """Serve the room queue's head while it can be served."""
-    while core.room:
-        op = core.room[0]
+    """Serve each device's room queue head while it can be served."""
+    for dev in core.devices:
+        _pump(core, dev)
+
+
+def _pump(core, dev):
+    while dev.room:
+        op = dev.room[0]
         if op.victims:
             return                          # its PARKs are not all confirmed yet
         outcome = _try(core, op)
         if outcome == "parking":
             return
         if outcome == "ready":
-            core.room.popleft()
+            dev.room.popleft()
             _launch(core, op)
             continue
-        if op.verb in RUNS and _room_may_come(core):
+        if op.verb in RUNS and _room_may_come(core, dev):
             return                          # a running request will leave idle agents
-        core.room.popleft()
+        dev.room.popleft()
         core.end(op, _no_room(core, op).fields())
 
 
@@ -181,29 +186,32 @@ def _launch(core, op):
         booking.send_register(core, op)
 
 
-def _room_may_come(core):
-    """True while a job runs whose end can leave an agent idle or free bytes."""
+def _room_may_come(core, dev):
+    """True while a job runs on dev whose end can leave an agent idle or free bytes."""
     return any(o.verb in ("DECODE", "CHAT", "REGISTER", "UNREGISTER", "RESTORE", "RESIZE")
-               for o in core.jobs.values())
+               and o.dev == dev.index for o in core.jobs.values())
 
 
 def _no_room(core, op):
     """The answer for an op that cannot get room: the ledger's numbers, or the park budget."""
     rec = core.agents.get(op.agent) if op.verb in RUNS else None
     need = need_bytes(core, op, rec)
-    stuck = [a.name for a in core.agents.values() if a.live and a.unparkable]
+    stuck = [a.name for a in core.agents.values() if a.live and a.unparkable and
+             a.dev == op.dev]
     if stuck:
         return LmxError(Code.LIMIT, f"no room for {op.agent!r}: parking {', '.join(stuck)} "
                         f"does not fit the {core.config.park_ram}-byte host budget for parked "
                         "state and there is no state directory to spill to", Reason.PARK_BUDGET,
                         agent=op.agent, park_ram=core.config.park_ram,
                         parked_ram_bytes=parked_ram(core), requested_bytes=need,
-                        **core.ledger_numbers())
-    free = core.ledger.max_bytes - core.ledger.allocated_bytes
+                        **core.ledger_numbers(op.dev))
+    led = core.devices[op.dev].ledger
+    free = led.max_bytes - led.allocated_bytes
+    where = f" on device {op.dev}" if len(core.devices) > 1 else ""
     return LmxError(Code.VRAM_LEDGER_DENY, f"agent {op.agent!r} needs {need} bytes but only "
-                    f"{max(free, 0)} of the {core.ledger.max_bytes}-byte cap are free and no "
+                    f"{max(free, 0)} of the {led.max_bytes}-byte cap{where} are free and no "
                     "idle agent can be parked", Reason.CAP, agent=op.agent,
-                    requested_bytes=need, **core.ledger_numbers())
+                    requested_bytes=need, device=op.dev, **core.ledger_numbers(op.dev))
 
 
 def _reserve(core, op, steps):
@@ -212,10 +220,11 @@ def _reserve(core, op, steps):
     op.victims = list(steps)
     for step in steps:
         if step.kind == "park":
-            step.op = Op("PARK", step.agent, {}, core.now, for_op=op, step=step)
+            step.op = Op("PARK", step.agent, {}, core.now, for_op=op, step=step, dev=op.dev)
             core.lanes.setdefault(step.agent, Lane()).active = step.op
         else:
-            step.op = Op("RESIZE", f"group:{step.group}", {}, core.now, for_op=op, step=step)
+            step.op = Op("RESIZE", f"group:{step.group}", {}, core.now, for_op=op, step=step,
+                         dev=op.dev)
     _send_next(core, op)
 
 
@@ -270,7 +279,7 @@ def _next(core, op, step, ok):
         op.victims.pop(0)
     if not ok:
         _release(core, op)
-    elif op.victims and op in core.room:
+    elif op.victims and op in core.devices[op.dev].room:
         _send_next(core, op)
 
 
@@ -287,7 +296,8 @@ def _release(core, op):
 def abandon(core, op):
     """op leaves the room queue before it got room (CANCEL, deadline); a step already at the
     worker finishes (its result is applied), the others are dropped."""
-    if op in core.room:
-        core.room.remove(op)
+    room = core.devices[op.dev].room
+    if op in room:
+        room.remove(op)
         op.victims = [s for s in op.victims if s.op is None or s.op.job_id is None]
         _release(core, op)

@@ -1,5 +1,6 @@
 """What the broker's core keeps: agents, model bookings, requests (ops) and per-agent lanes."""
 import collections
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -42,6 +43,19 @@ class BrokerConfig:
     measure_margin_percent: int = 5    # booking after reconciliation = measured + this
     others_margin: int = 256 << 20     # kept free below what other processes hold
     chat_templates: dict = field(default_factory=dict)   # model path -> template text
+    workers: list = field(default_factory=list)   # one WorkerConfig per local device ([]:
+                                                  # `worker` alone, named local:0)
+    gpus: tuple = ()                              # --gpus: each spawned worker sees only its
+                                                  # own (CUDA_VISIBLE_DEVICES)
+    remote_endpoint: Optional[str] = None         # tcp:// where remote workers connect
+    curve_workers: Optional[str] = None           # folder of the remote workers' public keys
+
+    def local_workers(self):
+        """The WorkerConfig of each local device, in device order (none without spawning)."""
+        if not self.spawn_worker:
+            return []
+        return list(self.workers) or [dataclasses.replace(
+            self.worker, name=self.worker.name or "local:0")]
 
 
 @dataclass
@@ -78,6 +92,7 @@ class Agent:
     context_reset: bool = False         # tell the next DECODE its conversation was lost
     compute_bytes: int = 0              # its group's compute buffer (the estimate's split)
     gid: Optional[int] = None           # the group it has a seat in while live
+    dev: int = 0                        # the device whose worker holds its slot
 
 
 @dataclass
@@ -114,6 +129,7 @@ class Op:
     seat: Optional[dict] = None         # its agent's placement, sent with the job
     step: object = None                 # PARK, RESIZE: the room.Step it carries out
     slow: bool = False                  # its client reads too slowly: partials dropped
+    dev: int = 0                        # the device whose worker runs it
 
     @property
     def internal(self):
