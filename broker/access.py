@@ -64,8 +64,9 @@ class _ZapLog(logging.LoggerAdapter):
     unknown worker or client) is worth a warning."""
 
     def debug(self, msg, *args, **kwargs):
-        level = logging.WARNING if str(msg).startswith("DENIED") else logging.DEBUG
-        self.log(level, "access: " + str(msg), *args, **kwargs)
+        text = str(msg) % args if args else str(msg)
+        level = logging.WARNING if text.startswith("DENIED") else logging.DEBUG
+        self.log(level, "access: %s", text, **kwargs)
 
 
 def secure_tcp(ctx, sock, endpoint, secret_file, keys_dir, auth=None, domain=None,

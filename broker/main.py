@@ -181,7 +181,7 @@ def main(**opts):
             log.error("broker: %s", exc)
             broker.close()
             code = 1
-    except StateDirBusy as exc:
+    except (StateDirBusy, RuntimeError) as exc:     # RuntimeError: e.g. tcp without keys
         log.error("broker: %s", exc)
         code = 1
     finally:

@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 
@@ -58,6 +59,11 @@ class Worker:
         self.ctx = zmq.Context()
         self.results = make_socket(self.ctx, zmq.PAIR, RESULTS, bind=True)
         self.sock = make_socket(self.ctx, zmq.DEALER, broker, curve=curve)
+        # A broker that takes nothing for the liveness time is gone: never block forever.
+        self.sock.setsockopt(zmq.SNDTIMEO, int(heartbeat_s * liveness * 1000))
+        # Over CURVE, a broker that refuses this worker's key says so in the handshake.
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH) \
+            if curve else None
         self.device = device
         self.name = name or default_name(device)
         self.heartbeat_s = heartbeat_s
@@ -65,14 +71,25 @@ class Worker:
         self.jobs = queue.Queue()
         self.cancelled = set()          # job ids to stop at their next token
         self.stop = False
+        self.refused = False
         self.thread = threading.Thread(target=compute_loop, name="lmx-compute",
                                        args=(self.ctx, self.jobs, engine, self.cancelled,
                                              quantum),
                                        daemon=True)
 
     def send(self, verb, msg_id=0, **fields):
-        """Every frame to the broker goes through here."""
-        self.sock.send_multipart(protocol.encode_request(verb, msg_id, **fields))
+        """Every message of this thread's own to the broker goes through here."""
+        self.forward(protocol.encode_request(verb, msg_id, **fields))
+
+    def forward(self, frames):
+        """Every frame to the broker goes through here; one it will not take within the
+        liveness time stops the worker (the broker is gone)."""
+        try:
+            self.sock.send_multipart(frames)
+        except zmq.Again:
+            log.error("worker: the broker took nothing for %.1f s; exiting",
+                      self.heartbeat_s * self.liveness)
+            self.stop = True
 
     def run(self):
         """Main loop: until SHUTDOWN, a signal, or the broker falls silent."""
@@ -81,6 +98,8 @@ class Worker:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.results, zmq.POLLIN)
+        if self.monitor is not None:
+            poller.register(self.monitor, zmq.POLLIN)
         last_heard = next_beat = time.monotonic()
         while not self.stop:
             events = dict(poller.poll(int(self.heartbeat_s * 1000)))
@@ -90,11 +109,16 @@ class Worker:
             # (5 ms a message when it runs Python between llama_decode calls).
             if self.results in events:
                 for frames in drain(self.results):
-                    self.sock.send_multipart(frames)
+                    self.forward(frames)
             if self.sock in events:
                 last_heard = now
                 for frames in drain(self.sock):
                     self._on_broker(frames)
+            if self.monitor is not None and self.monitor in events:
+                log.error("worker: the broker refused this worker's CURVE key (its public "
+                          "key is not in the broker's --curve-workers folder); exiting")
+                self.refused = True
+                break
             if now - last_heard > self.heartbeat_s * self.liveness:
                 log.error("worker: broker silent for %.1f s; exiting", now - last_heard)
                 break
@@ -121,6 +145,9 @@ class Worker:
         """Stop the compute thread (it frees llama.cpp state) and close sockets."""
         self.jobs.put(None)
         self.thread.join(timeout=30)
+        if self.monitor is not None:
+            self.sock.disable_monitor()
+            self.monitor.close()
         self.sock.close()
         self.results.close()
         self.ctx.term()
@@ -287,6 +314,8 @@ def serve(cfg):
     log.info("worker: pid=%d name=%s device=%s threads=%d broker=%s", os.getpid(),
              worker.name, device.read()["name"], n_threads, cfg.broker)
     worker.run()
+    if worker.refused:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
