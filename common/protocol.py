@@ -100,6 +100,11 @@ WORKER_JOBS = {
     "PARK": {"agent": Field(str), "ram_bytes": Field(int), "disk": Field(bool),
              "shrink": Field(int, False)},
     "RESIZE": {"group": Field(int), "capacity": Field(int)},   # reclaim a group's free seats
+    # move a parked agent to another device: its saved state, chunk by chunk, through the broker
+    "EXPORT": {"agent": Field(str), "offset": Field(int), "size": Field(int)},
+    "IMPORT": {"agent": Field(str), "path": Field(str), "spec": Field(dict),
+               "offset": Field(int), "total": Field(int), "data": Field(bytes, False),
+               "tokens": Field(list, False), "pending": Field(list, False)},
     "DECODE": {"agent": Field(str), "prompt": Field(str), "n_predict": Field(int),
                "max_prompt_tokens": Field(int, False), "stream": Field(bool, False),
                "deadline_ms": Field(int, False), "seat": Field(dict, False)},

@@ -7,8 +7,8 @@ from lmx.broker.core.events import (ClientRequest, Reply, SendJob, Tick, WorkerR
                                     WorkerResult)
 from lmx.common.config import WorkerConfig
 from lmx.common.errors import Code, LmxError, Reason
-from lmx.common.jobs import (ChatResult, DecodeResult, DeviceReading, EngineSummary, GroupState,
-                             ParkResult, RegisterResult, ResizeResult, Result, SlotState,
+from lmx.common.jobs import (ChatResult, DecodeResult, DeviceReading, EngineSummary,
+                             ExportResult, GroupState, ImportResult, ParkResult, RegisterResult, ResizeResult, Result, SlotState,
                              UnregisterResult)
 
 MiB = 1 << 20
@@ -113,6 +113,19 @@ class FakeWorker:
             return self._ok(None, ResizeResult(f["capacity"]))
         if verb == "PARK":
             return self._park(slot, f)
+        if verb == "EXPORT":
+            data = b"s" * max(min(f["size"], slot.parked_bytes - f["offset"]), 0)
+            return self._ok(slot.agent, ExportResult(data, slot.parked_bytes, [], []))
+        if verb == "IMPORT":
+            if f["offset"] == 0:
+                self.slots[f["agent"]] = SlotState(f["agent"], f["path"])
+            slot = self.slots[f["agent"]]
+            done = f["offset"] + len(f["data"]) >= f["total"]
+            if done:
+                slot.parked = "ram" if f["total"] else None
+                slot.parked_bytes = f["total"]
+                slot.n_past = f["total"] // STATE_BYTES_PER_TOKEN
+            return self._ok(slot.agent, ImportResult(done=done))
         self._seat(f["agent"], slot.model, f.get("seat"))
         if verb == "CHAT":
             slot.live, slot.parked, slot.parked_bytes = True, None, 0

@@ -172,3 +172,39 @@ def test_the_broker_refuses_remote_workers_without_keys(tmp_path):
                         "--remote-workers", "tcp://127.0.0.1:1"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "--curve-workers" in r.stderr
+
+
+def test_a_parked_agent_moves_to_the_device_with_room_and_continues_exactly(broker_factory,
+                                                                            tiny):
+    broker = broker_factory("--vram-total", "40MiB", "--vram-total", "40MiB",
+                            "--admit-by-parking", "--threads", "1")
+    prompt, more = "Once upon a time there was", " and then"
+    with broker.client() as c:
+        c.register("m", tiny, n_ctx=N_CTX, device=0)
+        c.register("twin", tiny, n_ctx=N_CTX, device=1)       # never parked, never moved
+        first = c.decode("m", prompt, 8)
+        assert c.decode("twin", prompt, 8)["tokens"] == first["tokens"]
+        c.register("b1", tiny, n_ctx=N_CTX, device=0)
+        assert c.register("b2", tiny, n_ctx=N_CTX, device=0)["kv_swap_parked"] == ["m"]
+    runs = [({}, threading.Event()) for _ in range(2)]
+    threads = [threading.Thread(target=_stream, args=(broker, name, 3000, out, flowing))
+               for name, (out, flowing) in zip(("b1", "b2"), runs)]
+    for t in threads:
+        t.start()
+    try:
+        assert all(flowing.wait(60) for _, flowing in runs)    # nobody on device 0 is idle
+        with broker.client() as c:
+            moved = c.decode("m", more, 12)
+            assert _devices_of(broker)["m"] == (1, "local:1")
+            twin = c.decode("twin", more, 12)
+    finally:
+        for t in threads:
+            t.join(120)
+    assert twin["tokens"] == moved["tokens"] and twin["n_past"] == moved["n_past"] > 20
+    assert moved["kv_swap_restored"] is True and moved["context_reset"] is False
+    assert all(out["reply"]["status"] == "ok" for out, _ in runs)
+    log = broker.read_log()
+    assert "moving parked agent=m from device 0 to 1" in log and "moved agent=m" in log
+    d0, d1 = broker.status()["devices"]
+    assert sorted(d0["agents"]) == ["b1", "b2"] and sorted(d1["agents"]) == ["m", "twin"]
+    assert "agent:m" not in d0["bookings"] and "agent:m" in d1["bookings"]

@@ -196,3 +196,30 @@ def _check(h):
     for rec in core.agents.values():
         if rec.live:
             assert core.groups[rec.gid].dev == rec.dev
+
+
+def test_a_parked_agent_with_no_room_on_its_device_moves_its_state_to_another():
+    from core_harness import STATE_BYTES_PER_TOKEN
+    h = Harness(totals=[WEIGHTS["small"] + CONTEXT] * 2, admit_by_parking=True)
+    _register(h, "a", device=0)
+    h.send("DECODE", agent="a", prompt="p", n_predict=9)
+    h.run_jobs()
+    assert _register(h, "b", device=0)["kv_swap_parked"] == ["a"]    # a parked in RAM
+    busy = h.send("DECODE", agent="b", prompt="p", n_predict=50)     # b is not idle
+    wanted = h.send("DECODE", agent="a", prompt="q", n_predict=3)
+    state = h.core.agents["a"].parked_bytes
+    assert state == 10 * STATE_BYTES_PER_TOKEN
+    steps = []
+    while [j for j in h.jobs() if j.fields.get("agent") == "a"]:
+        index = next(i for i, j in enumerate(h.jobs()) if j.fields.get("agent") == "a")
+        job = h.answer(index)
+        steps.append((job.verb, job.dev))
+    assert steps == [("EXPORT", 0), ("IMPORT", 1), ("UNREGISTER", 0), ("DECODE", 1)]
+    assert h.final(wanted)["status"] == "ok" and h.final(busy) is None
+    dev0, dev1 = h.core.devices
+    assert h.core.agents["a"].dev == 1 and h.core.agents["a"].live
+    assert dev0.ledger.booked("agent:a") is None and "a" not in dev0.models[SMALL].agents
+    assert dev1.ledger.booked("agent:a") == CONTEXT and dev1.models[SMALL].agents == {"a"}
+    h.run_jobs()
+    assert h.final(busy)["status"] == "ok"
+    _check(h)

@@ -26,8 +26,8 @@ from typing import NamedTuple, Optional
 from lmx.common import protocol
 from lmx.common.ctxspec import ContextSpec
 from lmx.common.errors import Code, LmxError
-from lmx.common.jobs import (ChatJob, DecodeJob, ParkJob, RegisterJob, ResizeJob, ResizeResult,
-                             Result, UnregisterJob)
+from lmx.common.jobs import (ChatJob, DecodeJob, ExportJob, ImportJob, ParkJob, RegisterJob,
+                             ResizeJob, ResizeResult, Result, UnregisterJob)
 
 log = logging.getLogger("lmx.worker")
 
@@ -78,6 +78,11 @@ class Scheduler:
                 seat=job.seat))
         elif isinstance(job, ResizeJob):
             self._finish(item, lambda: self._resize(job))
+        elif isinstance(job, ExportJob):
+            self._finish(item, lambda: self.engine.export_state(job.agent, job.offset,
+                                                                job.size))
+        elif isinstance(job, ImportJob):
+            self._finish(item, lambda: self.engine.import_state(job))
         elif isinstance(job, ParkJob):
             if job.agent in self.running or self.waiting.get(job.agent):
                 self._reply(item, error=LmxError(

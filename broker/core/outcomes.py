@@ -1,5 +1,5 @@
 """What the core does with a worker's RESULT: per job verb, and the facts every result brings."""
-from lmx.broker.core import booking, room, seats
+from lmx.broker.core import booking, moves, room, seats
 from lmx.common.jobs import RESULT_TYPES
 from lmx.common.replies import ChatReply, DecodeReply
 
@@ -17,6 +17,8 @@ def on_result(core, ev):
         dev.engine = result.engine
     if result.ok and result.out is not None:
         verb = "REGISTER" if op.verb == "RESTORE" else op.verb
+        if op.verb == "MOVE":
+            verb = "UNREGISTER" if op.fields["job"] == "UNDO" else op.fields["job"]
         result.out = RESULT_TYPES[verb].from_wire(result.out)
     if result.slot is not None:
         absorb_slot(core, result.slot)
@@ -101,5 +103,5 @@ def restore_done(core, op, result):
 
 _DONE = {"REGISTER": booking.register_done, "UNREGISTER": booking.unregister_done,
          "DECODE": run_done, "CHAT": run_done, "PARK": room.park_done,
-         "RESIZE": room.resize_done,
+         "RESIZE": room.resize_done, "MOVE": moves.move_done,
          "RESTORE": restore_done}

@@ -9,7 +9,7 @@ at its next DECODE or CHAT); a local worker is started again after a back-off (1
 journal's agents are booked again on their device (by name) and rebuilt the same way; one that
 cannot be is remembered as lost, never silently forgotten.
 """
-from lmx.broker.core import booking, seats
+from lmx.broker.core import booking, moves, seats
 from lmx.broker.core.events import KillWorker, SpawnWorker
 from lmx.broker.core.devices import DeviceView
 from lmx.broker.core.state import Lane, Op
@@ -142,7 +142,9 @@ def _fail_job(core, op, err):
     lane = core.lanes.get(op.agent)
     if lane is not None and lane.active is op:
         lane.active = None
-    if op.verb == "REGISTER":
+    if op.verb == "MOVE":
+        moves.fail(core, op, err)
+    elif op.verb == "REGISTER":
         booking.unbook(core, op.agent, "the worker died while building it")
     elif op.verb == "UNREGISTER":               # the slot died with the worker
         freed = booking.unbook(core, op.agent, "unregistered (worker lost)")

@@ -21,7 +21,7 @@ device has its own queue and plans with its own agents and ledger only.
 from dataclasses import dataclass
 from typing import Optional
 
-from lmx.broker.core import booking, seats
+from lmx.broker.core import booking, moves, seats
 from lmx.broker.core.state import Lane, Op
 from lmx.common.errors import Code, LmxError, Reason
 from lmx.common.jobs import ParkJob, ResizeJob
@@ -165,7 +165,11 @@ def _try(core, op):
     rec = core.agents.get(op.agent) if op.verb in RUNS else None
     steps = plan(core, op, rec)
     if steps is None:
-        return "wait"
+        there = moves.target(core, rec) if op.verb in RUNS else None
+        if there is None:
+            return "wait"
+        moves.start(core, op, rec, *there)      # no room here; another device has some
+        return "parking"
     if steps:
         _reserve(core, op, steps)
         return "parking"
