@@ -8,8 +8,8 @@ from lmx.broker.core.events import (ClientRequest, Reply, SendJob, Tick, WorkerR
 from lmx.common.config import WorkerConfig
 from lmx.common.errors import Code, LmxError, Reason
 from lmx.common.jobs import (ChatResult, DecodeResult, DeviceReading, EngineSummary,
-                             ExportResult, GroupState, ImportResult, ParkResult, RegisterResult, ResizeResult, Result, SlotState,
-                             UnregisterResult)
+                             ExportResult, GroupState, ImportResult, ParkResult,
+                             RegisterResult, ResizeResult, Result, SlotState, UnregisterResult)
 
 MiB = 1 << 20
 WEIGHTS = {"small": 100 * MiB, "big": 300 * MiB}

@@ -220,6 +220,7 @@ def test_a_parked_agent_with_no_room_on_its_device_moves_its_state_to_another():
     assert h.core.agents["a"].dev == 1 and h.core.agents["a"].live
     assert dev0.ledger.booked("agent:a") is None and "a" not in dev0.models[SMALL].agents
     assert dev1.ledger.booked("agent:a") == CONTEXT and dev1.models[SMALL].agents == {"a"}
+    assert h.core.journal.agents["a"]["device"] == "local:1"      # a restart finds it there
     h.run_jobs()
     assert h.final(busy)["status"] == "ok"
     _check(h)

@@ -81,9 +81,9 @@ def candidates(core, op):
     devs = [resolve(core, pinned)] if pinned is not None else core.devices
     ready = [d for d in devs if d.state == "ready"]
     if not ready:
-        what = f"device {devs[0].index} ({devs[0].name})" if pinned is not None else "no device"
-        raise LmxError(Code.WORKER_UNAVAILABLE, f"{what} has a ready worker; try again",
-                       devices=states(core))
+        what = f"device {devs[0].index} ({devs[0].name}) has no ready worker" \
+            if pinned is not None else "no device has a ready worker"
+        raise LmxError(Code.WORKER_UNAVAILABLE, f"{what}; try again", devices=states(core))
     estimates, out = {}, []
     for dev in ready:
         if dev.kind not in estimates:
@@ -134,13 +134,18 @@ def refusal(core, op, rows):
     message = (f"{what} needs {need} bytes but only {free} of the {dev.ledger.max_bytes}-byte "
                "cap are free")
     if len(core.devices) > 1:
-        message = f"{what} fits no device: " + "; ".join(
-            f"device {r['device']} ({r['name']}): " + (
-                f"needs {r['requested_bytes']}, {max(r['ledger_max_bytes'] - r['ledger_allocated_bytes'], 0)} free"
-                if "requested_bytes" in r else f"worker {r['worker_state']}")
-            for r in detail)
+        message = f"{what} fits no device: " + "; ".join(_why(r) for r in detail)
     denial = dev.ledger.check(need)
     return LmxError(Code.VRAM_LEDGER_DENY, message, denial.reason if denial else Reason.CAP,
                     ledger_max_bytes=dev.ledger.max_bytes,
                     ledger_allocated_bytes=dev.ledger.allocated_bytes, requested_bytes=need,
                     device=dev.index, devices=detail)
+
+
+def _why(row):
+    """One device's part of a refusal's message."""
+    head = f"device {row['device']} ({row['name']}): "
+    if "requested_bytes" not in row:
+        return head + f"worker {row['worker_state']}"
+    free = max(row["ledger_max_bytes"] - row["ledger_allocated_bytes"], 0)
+    return head + f"needs {row['requested_bytes']}, {free} free ({row['reason']})"

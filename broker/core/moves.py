@@ -127,6 +127,8 @@ def _finish(core, mop, rec, model_freed):
     """The old worker let the agent go: release its side, and seat the op on the new device."""
     f = mop.fields
     _leave(core, f["from"], rec.path, rec.name)
+    core.journal.put(rec.name, {"model": rec.model, "path": rec.path, "spec": rec.spec,
+                                "device": core.devices[f["to"]].name})
     core.log("info", f"devices: moved agent={rec.name} to device {f['to']} "
              f"({f['total']} bytes of state)")
     op = mop.for_op
