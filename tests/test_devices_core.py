@@ -1,6 +1,6 @@
 """Several devices in the pure core: placement, pinning, per-device refusal, faults that stay
 on their device, and random traffic over two ledgers (no sockets, milliseconds)."""
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from core_harness import CONTEXT, WEIGHTS, Harness, MemJournal, MiB
@@ -149,15 +149,20 @@ OPS = st.lists(st.tuples(st.sampled_from(["register", "pin", "decode", "unregist
                max_size=50)
 
 
+MOVING = [("pin", "a", 0), ("answer", "a", 0), ("pin", "b", 0)] + [("answer", "a", 0)] * 2 + [
+    ("decode", "b", 0), ("decode", "a", 0)] + [("answer", "a", 1)] * 3 + [("answer", "a", 0)] * 3
+
+
 @settings(max_examples=80, deadline=None)
 @given(OPS, st.booleans(), st.integers(0, 2))
+@example(MOVING, False, 1)          # a parked agent moves to device 1 while b keeps device 0
 def test_random_traffic_on_two_devices_never_overbooks(ops, by_parking, max_live):
     total = WEIGHTS["small"] + WEIGHTS["big"] + 2 * CONTEXT
-    h = Harness(totals=[total, total - CONTEXT], admit_by_parking=by_parking,
+    h = Harness(totals=[WEIGHTS["small"] + 2 * CONTEXT, total], admit_by_parking=by_parking,
                 max_live_contexts=max_live)
     for op, name, k in ops:
         if op in ("register", "pin"):
-            extra = {"device": k % 2} if op == "pin" else {}
+            extra = {"device": int(k == 3)} if op == "pin" else {}    # mostly device 0
             h.send("REGISTER", agent=name, model="big" if k == 3 else "small", **extra)
         elif op == "decode":
             h.send("DECODE", agent=name, prompt="p", n_predict=k + 1)
@@ -190,7 +195,9 @@ def _check(h):
                 assert core.agents[name].live and core.agents[name].dev == dev.index, key
             elif kind == "model":
                 assert dev.models[name].agents, key
-                assert all(core.agents[a].dev == dev.index for a in dev.models[name].agents)
+                moving = {op.agent for op in core.jobs.values() if op.verb == "MOVE"}
+                assert all(core.agents[a].dev == dev.index or a in moving
+                           for a in dev.models[name].agents)
             elif kind == "group":
                 assert core.groups[int(name)].dev == dev.index
     for rec in core.agents.values():
