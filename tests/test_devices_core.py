@@ -231,3 +231,17 @@ def test_a_parked_agent_with_no_room_on_its_device_moves_its_state_to_another():
     h.run_jobs()
     assert h.final(busy)["status"] == "ok"
     _check(h)
+
+
+def test_metrics_sum_the_ledgers_of_every_device():
+    from lmx.broker.metrics import Metrics
+    h = Harness(totals=[WEIGHTS["small"] + CONTEXT] * 2)
+    _register(h, "a")
+    _register(h, "b")
+    metrics = Metrics(h.core)
+    value = metrics.registry.get_sample_value
+    assert value("lmx_ledger_allocated_bytes") == 2 * (WEIGHTS["small"] + CONTEXT)
+    assert value("lmx_ledger_cap_bytes") == 2 * (WEIGHTS["small"] + CONTEXT)
+    assert value("lmx_model_booked_bytes", {"model": "small.gguf", "kind": "weights"}) == \
+        2 * WEIGHTS["small"]
+    assert value("lmx_agent_booked_bytes", {"agent": "b"}) == CONTEXT
