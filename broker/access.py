@@ -59,22 +59,39 @@ def lock_down_ipc(endpoint):
         os.chmod(path, 0o600)
 
 
-def secure_tcp(ctx, sock, endpoint, secret_file, clients_dir):
-    """Make a tcp ROUTER a CURVE server that admits only the clients' keys in clients_dir.
+class _ZapLog(logging.LoggerAdapter):
+    """The authenticator's log: it reports every handshake at debug; a refused key (an
+    unknown worker or client) is worth a warning."""
 
-    Returns the authenticator (keep it; stop it on close). Raises RuntimeError without keys.
+    def debug(self, msg, *args, **kwargs):
+        text = str(msg) % args if args else str(msg)
+        level = logging.WARNING if text.startswith("DENIED") else logging.DEBUG
+        self.log(level, "access: %s", text, **kwargs)
+
+
+def secure_tcp(ctx, sock, endpoint, secret_file, keys_dir, auth=None, domain=None,
+               what="a TCP endpoint", keys="--curve-clients"):
+    """Make a tcp ROUTER a CURVE server that admits only the public keys in keys_dir.
+
+    One authenticator serves the whole context: pass the one returned before (auth) to add a
+    socket in its own ZAP domain (domain; None: every socket without one). Returns the
+    authenticator (keep it; stop it on close), or auth unchanged for a non-tcp endpoint.
+    Raises RuntimeError without keys.
     """
     if not endpoint.startswith("tcp://"):
-        return None
-    if not secret_file or not clients_dir:
-        raise RuntimeError(f"{endpoint} is a TCP endpoint: it needs --curve-secret-key and "
-                           "--curve-clients (zmq.auth keys); see the README's threat model")
+        return auth
+    if not secret_file or not keys_dir:
+        raise RuntimeError(f"{endpoint} is {what}: it needs --curve-secret-key and "
+                           f"{keys} (zmq.auth keys); see the README's threat model")
     public, secret = zmq.auth.load_certificate(secret_file)
     if secret is None:
         raise RuntimeError(f"{secret_file} holds no secret key")
-    auth = ThreadAuthenticator(ctx)
-    auth.start()
-    auth.configure_curve(domain="*", location=clients_dir)
+    if auth is None:
+        auth = ThreadAuthenticator(ctx, log=_ZapLog(log, {}))
+        auth.start()
+    auth.configure_curve(domain=domain or "*", location=keys_dir)
+    if domain:
+        sock.zap_domain = domain.encode()
     sock.curve_secretkey = secret
     sock.curve_publickey = public
     sock.curve_server = True

@@ -118,6 +118,10 @@ class Ledger:
             self._allocated += grow
         return denial
 
+    def check(self, nbytes):
+        """Whether nbytes more would fit now: None, or the Denial (nothing is booked)."""
+        return self._check(nbytes) if nbytes > 0 else None
+
     def _check(self, nbytes):
         if self.total_bytes is None:
             return Denial(Reason.NO_DEVICE_TOTAL, 0, self._allocated, nbytes)

@@ -1,4 +1,5 @@
 """`lmx-broker`: serve agents on a ZeroMQ ROUTER with VRAM admission control."""
+import dataclasses
 import logging
 import os
 import shutil
@@ -20,9 +21,34 @@ def _size(ctx, param, value):
     if value is None:
         return None
     try:
+        if isinstance(value, tuple):
+            return tuple(cfg.parse_size(v) for v in value)
         return cfg.parse_size(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+def _gpus(ctx, param, value):
+    """--gpus 0,1 -> (0, 1); all -> every GPU NVML sees; None when not given."""
+    if value is None:
+        return None
+    if value.strip().lower() == "all":
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            count = pynvml.nvmlDeviceGetCount()
+        except Exception as exc:  # no driver, no library: say so
+            raise click.BadParameter(f"'all' needs NVML to count the GPUs ({exc})") from None
+        if not count:
+            raise click.BadParameter("NVML sees no GPU")
+        return tuple(range(count))
+    try:
+        gpus = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not 'all' nor GPU indices like 0,1") from None
+    if len(set(gpus)) != len(gpus) or min(gpus) < 0:
+        raise click.BadParameter(f"{value!r}: GPU indices must be distinct and >= 0")
+    return gpus
 
 
 def _listen(ctx, param, value):
@@ -49,9 +75,18 @@ def _private_worker_endpoint():
 @click.option("--vram-table", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Operator table: 'key path bytes' per line; keys can be REGISTERed by name "
               "and their bytes are the model's weights, booked once per loaded model.")
-@click.option("--vram-total", callback=_size, default=None, help="Declared device size, e.g. "
+@click.option("--vram-total", callback=_size, multiple=True, help="Declared device size, e.g. "
               "8GiB. CPU worker: the size admission uses [default 8GiB]. GPU: caps NVML's "
-              "total (emulate a smaller card).")
+              "total (emulate a smaller card). Repeat it for one local worker (device) per "
+              "size; with --gpus, give one (for every GPU) or one per GPU.")
+@click.option("--gpus", callback=_gpus, default=None, help="Start one worker per GPU: "
+              "indices (0,1) or 'all' (NVML's count); each sees only its own GPU "
+              "(CUDA_VISIBLE_DEVICES) [default: one worker on --gpu-index].")
+@click.option("--remote-workers", "remote_endpoint", default=None, metavar="tcp://HOST:PORT",
+              help="Also accept workers of other hosts here (CURVE: needs --curve-secret-key "
+              "and --curve-workers); each is a device of its own.")
+@click.option("--curve-workers", type=click.Path(exists=True, file_okay=False), default=None,
+              help="--remote-workers: folder of the public keys of workers allowed in.")
 @click.option("--admission-percent", default=cfg.DEFAULT_ADMISSION_PERCENT, show_default=True,
               type=click.IntRange(1, 100), help="Cap = this percent of the device total.")
 @click.option("--spawn-worker/--no-spawn-worker", default=True, show_default=True,
@@ -129,8 +164,11 @@ def main(**opts):
     """Run the lmx broker (and, by default, its worker) until SIGINT/SIGTERM."""
     logging.basicConfig(level=opts["log_level"].upper(),
                         format="%(asctime)s %(name)s %(message)s")
-    if not opts["spawn_worker"] and not opts["worker_endpoint"]:
+    if not opts["spawn_worker"] and not opts["worker_endpoint"] and \
+            not opts["remote_endpoint"]:
         raise click.UsageError("--no-spawn-worker needs --worker-endpoint for the worker")
+    if opts["remote_endpoint"] and not opts["remote_endpoint"].startswith("tcp://"):
+        raise click.UsageError("--remote-workers takes a tcp://HOST:PORT endpoint")
     private = None
     if opts["worker_endpoint"] is None:
         opts["worker_endpoint"], private = _private_worker_endpoint()
@@ -148,7 +186,7 @@ def main(**opts):
             log.error("broker: %s", exc)
             broker.close()
             code = 1
-    except StateDirBusy as exc:
+    except (StateDirBusy, RuntimeError) as exc:     # RuntimeError: e.g. tcp without keys
         log.error("broker: %s", exc)
         code = 1
     finally:
@@ -195,12 +233,28 @@ def _chat_templates(pairs, table):
     return out
 
 
+def _workers(base, gpus, totals):
+    """One WorkerConfig per local device: per GPU with --gpus, else per --vram-total (one at
+    least), each named local:N."""
+    count = len(gpus) if gpus else max(len(totals), 1)
+    if gpus and len(totals) not in (0, 1, count):
+        raise click.UsageError(f"--gpus names {count} GPUs: give --vram-total once, once per "
+                               f"GPU, or not at all (got {len(totals)})")
+    out = []
+    for i in range(count):
+        total = totals[i] if len(totals) == count else (totals[0] if totals else None)
+        out.append(dataclasses.replace(base, name=f"local:{i}", vram_total=total,
+                                       gpu_index=gpus[i] if gpus else base.gpu_index))
+    return out
+
+
 def _config(o):
-    """lmx-broker's options -> the broker's config, with the worker's config inside it."""
+    """lmx-broker's options -> the broker's config, with the workers' configs inside it."""
     state = o["state_dir"]
     worker = cfg.WorkerConfig(
         broker=o["worker_endpoint"], gpu_index=o["gpu_index"], force_cpu=o["worker_cpu"],
-        threads=o["threads"], vram_total=o["vram_total"], heartbeat_s=o["heartbeat"],
+        threads=o["threads"], vram_total=(o["vram_total"] or (None,))[0],
+        heartbeat_s=o["heartbeat"],
         liveness=o["liveness"], max_batch=o["max_batch"], quantum=o["quantum"],
         log_level=o["log_level"],
         simulate_others=os.path.abspath(o["simulate_others"]) if o["simulate_others"] else None,
@@ -221,6 +275,8 @@ def _config(o):
         curve_secret_key=o["curve_secret_key"], curve_clients=o["curve_clients"],
         park_to_disk=o["park_to_disk"], park_ram=o["park_ram"],
         max_live_contexts=o["max_live_contexts"], admit_by_parking=o["admit_by_parking"],
+        workers=_workers(worker, o["gpus"], o["vram_total"]), gpus=o["gpus"] or (),
+        remote_endpoint=o["remote_endpoint"], curve_workers=o["curve_workers"],
         quotas=_quotas(o["quotas"]))
 
 

@@ -227,7 +227,8 @@ class StateCollector:
         return []
 
     def _families(self):
-        core, led = self.core, self.core.ledger
+        core, led = self.core, self.core.ledger      # led: the first device's
+        devices = list(core.devices)
         agents = list(dict(core.agents).values())
         jobs = list(dict(core.jobs).values())
         lanes = list(dict(core.lanes).values())
@@ -243,10 +244,10 @@ class StateCollector:
                    sum(1 for op in jobs if not op.internal)),
             _gauge("lmx_num_requests_waiting", "Requests accepted but not yet sent to the "
                    "worker (queued in lanes or waiting for room).", waiting),
-            _gauge("lmx_ledger_cap_bytes", "The ledger's cap (admission limit).",
-                   led.max_bytes),
-            _gauge("lmx_ledger_allocated_bytes", "Bytes booked in the ledger.",
-                   led.allocated_bytes),
+            _gauge("lmx_ledger_cap_bytes", "The ledgers' caps (admission limits), summed "
+                   "over the devices.", sum(d.ledger.max_bytes for d in devices)),
+            _gauge("lmx_ledger_allocated_bytes", "Bytes booked in the ledgers (every device).",
+                   sum(d.ledger.allocated_bytes for d in devices)),
             _gauge("lmx_live_agents", "Agents with a live (booked) context.", live),
             _gauge("lmx_parked_agents", "Registered agents not live (parked).",
                    len(agents) - live),
@@ -260,12 +261,13 @@ class StateCollector:
                 (["free"], sum(max(g.capacity - len(g.members), 0) for g in groups))]),
             _gauge("lmx_worker_ready", "1 while the worker is ready.",
                    int(core.worker.state == "ready")),
-            self._models(led, groups), self._agents(led, agents), *self._quotas()]
+            self._models(devices, groups), self._agents(devices, agents), *self._quotas()]
         restarts = CounterMetricFamily("lmx_worker_restarts", "Workers started after a loss.",
-                                       value=core.worker.restarts)
+                                       value=sum(d.restarts for d in devices))
         builds = CounterMetricFamily("lmx_context_builds", "Contexts the workers built.",
-                                     value=core.worker.builds_before + (
-                                         engine.context_builds if engine else 0))
+                                     value=sum(d.builds_before + (
+                                         d.engine.context_builds if d.engine else 0)
+                                         for d in devices))
         out += [restarts, builds]
         if dev is not None:
             out += [_gauge("lmx_device_total_bytes", "Device size the worker reports.",
@@ -281,13 +283,19 @@ class StateCollector:
                               "processes.", led.external_bytes))
         return out
 
-    def _models(self, led, groups):
-        """Booked bytes per model: its weights, and its group contexts."""
+    def _models(self, devices, groups):
+        """Booked bytes per model: its weights, and its group contexts (every device)."""
+        totals = {}
+        for dev in devices:
+            for path, m in list(dict(dev.models).items()):
+                ctx = sum(dev.ledger.booked(g.key) or 0 for g in groups
+                          if g.path == path and g.dev == dev.index)
+                weights, contexts = totals.get(path, (0, 0))
+                totals[path] = (weights + m.booked_bytes, contexts + ctx)
         samples = []
-        for path, m in list(dict(self.core.models).items()):
+        for path, (weights, ctx) in totals.items():
             name = self.names.get(path) or os.path.basename(path)
-            ctx = sum(led.booked(g.key) or 0 for g in groups if g.path == path)
-            samples += [([name, "weights"], m.booked_bytes), ([name, "contexts"], ctx)]
+            samples += [([name, "weights"], weights), ([name, "contexts"], ctx)]
         return _gauge("lmx_model_booked_bytes", "Ledger bytes per model (weights, contexts).",
                       None, ["model", "kind"], samples)
 
@@ -308,10 +316,10 @@ class StateCollector:
                 _gauge("lmx_quota_use", "What each quotas client uses of each quota now.",
                        None, ["client", "quota"], use)]
 
-    def _agents(self, led, agents):
+    def _agents(self, devices, agents):
         """Booked bytes of the TOP_AGENTS largest agents; the rest summed as "other"."""
-        booked = sorted(((led.booked(f"agent:{a.name}") or 0, a.name) for a in agents),
-                        reverse=True)
+        booked = sorted(((devices[a.dev].ledger.booked(f"agent:{a.name}") or 0, a.name)
+                         for a in agents if a.dev < len(devices)), reverse=True)
         samples = [([name], nbytes) for nbytes, name in booked[:TOP_AGENTS]]
         if len(booked) > TOP_AGENTS:
             samples.append((["other"], sum(n for n, _ in booked[TOP_AGENTS:])))

@@ -1,6 +1,7 @@
-"""The broker's I/O: two ROUTER sockets, the worker process, and the clock around the core.
+"""The broker's I/O: the client ROUTER, the workers (broker/workers.py: one per device, local
+processes and remote links), and the clock around the core.
 
-The loop turns socket traffic, the worker's exit and time into events for the core
+The loop turns socket traffic, a worker's exit and time into events for the core
 (broker/core), and carries out the actions it returns. It decides nothing itself.
 
 Replies never vanish at a high-water mark: the client ROUTER is ROUTER_MANDATORY, and a reply
@@ -11,8 +12,6 @@ the core stops that client's streams; their final replies still wait in the outb
 import collections
 import logging
 import os
-import subprocess
-import sys
 import time
 
 import zmq
@@ -27,6 +26,7 @@ from lmx.broker.estimate import estimate
 from lmx.broker.journal import Journal
 from lmx.broker.measured import MeasuredCache
 from lmx.broker.statelock import StateLock
+from lmx.broker.workers import AuthHolder, Workers
 from lmx.common import config as cfg
 from lmx.common import protocol
 from lmx.common.errors import LmxError
@@ -86,38 +86,8 @@ class Outbox:
                 del self.nbytes[identity]
 
 
-class WorkerProcess:
-    """The spawned lmx-worker subprocess."""
-
-    def __init__(self, worker_config):
-        self.config = worker_config
-        self.proc = None
-
-    def spawn(self):
-        cmd = [sys.executable, "-m", "lmx.worker.main", *self.config.argv()]
-        log.info("worker: spawning %s -m lmx.worker.main --config ...", sys.executable)
-        self.proc = subprocess.Popen(cmd)
-
-    def exited(self):
-        return self.proc is not None and self.proc.poll() is not None
-
-    def kill(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def wait(self, timeout):
-        if self.proc is None:
-            return
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("worker: pid %s ignored SHUTDOWN; killing", self.proc.pid)
-            self.kill()
-
-
 class Broker:
-    """Sockets, the worker process and the loop around one Core."""
+    """Sockets, the workers and the loop around one Core."""
 
     def __init__(self, config, ctx=None, metrics=None):
         self.config = config
@@ -129,13 +99,11 @@ class Broker:
             model, spec, config.table, kind, measured, model_dirs=config.model_dirs),
             measured, Journal(os.path.join(state, "journal.json") if state else ""),
             started=time.time())
-        self.wsock = make_socket(self.ctx, zmq.ROUTER, config.worker_endpoint, bind=True)
-        self.worker = WorkerProcess(config.worker)
-        self.widentity = None
-        self.client = self.outbox = self.auth = None
+        self.auth = AuthHolder(self.ctx, config)
+        self.client = self.outbox = None
+        self.workers = Workers(self.ctx, config, self.auth)
         self.stop = False
         self._status = (None, None)          # (revision, CachedReply)
-        self._respawn_at = None
         self._slow = set()
         self.metrics = None
         if metrics is not None:          # (host, port): Prometheus metrics (broker/metrics.py)
@@ -146,36 +114,44 @@ class Broker:
     # -- start-up ------------------------------------------------------------------------
 
     def start(self):
-        """Start (or wait for) the worker, let the core adopt it, then bind the client side."""
-        if self.config.spawn_worker:
-            self.worker.spawn()
+        """Start the local workers (or wait for one started by hand), let the core adopt
+        them, then bind the client side."""
+        self.workers.spawn_all()
         deadline = time.monotonic() + self.config.worker_start_timeout
-        while self.core.worker.state != "ready":
+        poller = zmq.Poller()
+        for sock in self.workers.sockets():
+            poller.register(sock, zmq.POLLIN)
+        while not self._started():
             if self.stop:
                 raise RuntimeError("stopped before the worker was ready")
-            if self.worker.exited():
-                raise RuntimeError(f"worker exited with {self.worker.proc.returncode} "
-                                   "before it was ready")
+            for link in self.workers.links:
+                if link.process is not None and link.process.exited():
+                    raise RuntimeError(f"worker exited with {link.process.proc.returncode} "
+                                       "before it was ready")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no worker READY on {self.config.worker_endpoint} within "
                                    f"{self.config.worker_start_timeout:g} s")
-            if self.wsock.poll(200):
-                self._on_worker(self.wsock.recv_multipart())
+            for sock in dict(poller.poll(200)):
+                self._drain(sock, lambda frames, sock=sock: self._on_worker(sock, frames))
         refuse_if_served(self.config.endpoint)
         access.prepare_ipc(self.config.endpoint)
         self.client = make_socket(self.ctx, zmq.ROUTER, self.config.endpoint, bind=True,
-                                  setup=self._secure)
+                                  setup=self.auth.secure_clients)
         self.client.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.outbox = Outbox(self.client)
         access.lock_down_ipc(self.config.endpoint)
-        led = self.core.ledger
-        log.info("broker: serving %s (cap %s of %s)", self.config.endpoint,
-                 cfg.format_size(led.max_bytes), cfg.format_size(led.total_bytes))
+        for dev in self.core.devices:
+            log.info("broker: device %d (%s): cap %s of %s", dev.index, dev.name,
+                     cfg.format_size(dev.ledger.max_bytes),
+                     cfg.format_size(dev.ledger.total_bytes))
+        log.info("broker: serving %s", self.config.endpoint)
 
-    def _secure(self, sock):
-        """CURVE for tcp endpoints (refuses to start without keys); nothing for ipc."""
-        self.auth = access.secure_tcp(self.ctx, sock, self.config.endpoint,
-                                      self.config.curve_secret_key, self.config.curve_clients)
+    def _started(self):
+        """Every local device's worker is ready (without local ones: any worker is)."""
+        devs = self.core.devices
+        if self.config.local_workers():
+            return all(d.state == "ready" for d in devs[:len(self.config.local_workers())])
+        return any(d.state == "ready" for d in devs)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -183,13 +159,15 @@ class Broker:
         """Serve until stop is set (by a signal handler or a test)."""
         poller = zmq.Poller()
         poller.register(self.client, zmq.POLLIN)
-        poller.register(self.wsock, zmq.POLLIN)
+        for sock in self.workers.sockets():
+            poller.register(sock, zmq.POLLIN)
         next_beat = next_tick = time.monotonic()
         while not self.stop:
             wait = TICK_S if self.outbox.pending else self.config.heartbeat_s / 2
             events = dict(poller.poll(int(wait * 1000)))
-            if self.wsock in events:
-                self._drain(self.wsock, self._on_worker)
+            for sock in self.workers.sockets():
+                if sock in events:
+                    self._drain(sock, lambda frames, sock=sock: self._on_worker(sock, frames))
             if self.client in events:
                 self._drain(self.client, self._on_client)
             now = time.monotonic()
@@ -197,9 +175,9 @@ class Broker:
                 self._dispatch(Tick(now, time.time()))
                 next_tick = now + TICK_S
             if now >= next_beat:
-                self._to_worker(protocol.encode_request("HEARTBEAT", 0))
+                self.workers.broadcast(protocol.encode_request("HEARTBEAT", 0))
                 next_beat = now + self.config.heartbeat_s
-            self._watch_worker(now)
+            self._watch_workers(now)
             self.outbox.flush()
         self.close()
 
@@ -212,27 +190,26 @@ class Broker:
                 return
             handler(frames)
 
-    def _watch_worker(self, now):
-        """The worker process exiting is an event; so is the time to start a new one."""
-        state = self.core.worker.state
-        if state in ("ready", "starting") and self.worker.exited():
-            self._dispatch(WorkerLost("exited" if state == "ready" else "exited while "
-                                      "starting", now))
-        if self._respawn_at is not None and now >= self._respawn_at:
-            self._respawn_at = None
-            self.worker.spawn()
-            self._dispatch(WorkerStarting(now))
+    def _watch_workers(self, now):
+        """A local worker process exiting is an event; so is the time to start a new one."""
+        for link in self.workers.links:
+            if link.process is None or link.index >= len(self.core.devices):
+                continue
+            state = self.core.devices[link.index].state
+            if state in ("ready", "starting") and link.process.exited():
+                self._dispatch(WorkerLost("exited" if state == "ready" else "exited while "
+                                          "starting", now, link.index))
+            if link.respawn_at is not None and now >= link.respawn_at:
+                link.respawn_at = None
+                link.process.spawn()
+                self._dispatch(WorkerStarting(now, link.index))
 
     def close(self):
-        """Stop the worker, close the sockets, release the state directory."""
-        if self.widentity is not None:
-            self._to_worker(protocol.encode_request("SHUTDOWN", 0))
-        self.worker.wait(10.0)
-        for sock in (self.client, self.wsock):
-            if sock is not None:
-                sock.close()
-        if self.auth is not None:
-            self.auth.stop()
+        """Stop the workers, close the sockets, release the state directory."""
+        self.workers.close(10.0)
+        if self.client is not None:
+            self.client.close()
+        self.auth.stop()
         if self.metrics is not None:
             self.metrics.close()
         if self.lock is not None:
@@ -254,7 +231,7 @@ class Broker:
         self._dispatch(ClientRequest(identity, msg.id, msg.verb, msg.fields, time.monotonic(),
                                      time.time()))
 
-    def _on_worker(self, frames):
+    def _on_worker(self, sock, frames):
         identity, body = frames[0], frames[1:]
         try:
             msg = protocol.decode_message(body, protocol.WORKER_EVENTS, max_bytes=None)
@@ -263,18 +240,12 @@ class Broker:
             return
         now, f = time.monotonic(), msg.fields
         if msg.verb == "READY":
-            if self.core.worker.state == "ready" and identity != self.widentity:
-                log.error("worker: second worker pid=%s refused; one worker per broker",
-                          f["pid"])
-                self.wsock.send_multipart([identity, *protocol.encode_request("SHUTDOWN", 0)])
-                return
-            self.widentity = identity
-            streaming = f.get("streaming") or f["device"].get("streaming") or {}
-            self._dispatch(WorkerReady(f["pid"], DeviceReading.from_wire(f["device"]), now,
-                                       StreamingInfo.from_wire(streaming)))
-        elif identity != self.widentity:
+            self._on_ready(sock, identity, f, now)
             return
-        elif msg.verb == "RESULT":
+        dev = self.workers.device_of(sock, identity)
+        if dev is None:
+            return
+        if msg.verb == "RESULT":
             self._dispatch(WorkerResult(msg.id, Result.from_wire(f), now, time.time()))
         elif msg.verb == "TOKEN":
             self._dispatch(WorkerToken(msg.id, f["index"], f["token"], f["text"], now))
@@ -286,7 +257,19 @@ class Broker:
         else:
             device = f.get("device")
             self._dispatch(WorkerHeartbeat(DeviceReading.from_wire(device) if device else
-                                           None, now))
+                                           None, now, dev))
+
+    def _on_ready(self, sock, identity, f, now):
+        """A worker said READY: its device (by its name), or a refusal."""
+        name = f.get("name") or "local:0"
+        dev = self.workers.attach(sock, identity, name, lambda i: i < len(
+            self.core.devices) and self.core.devices[i].state == "ready")
+        if dev is None:
+            return
+        streaming = f.get("streaming") or f["device"].get("streaming") or {}
+        self._dispatch(WorkerReady(f["pid"], DeviceReading.from_wire(f["device"]), now,
+                                   StreamingInfo.from_wire(streaming), dev, name,
+                                   sock is self.workers.remote))
 
     def _dispatch(self, event):
         try:
@@ -309,19 +292,20 @@ class Broker:
             else:
                 self._reply(action.identity, action.msg_id, action.fields)
         elif kind is SendJob:
-            self._to_worker(protocol.encode_request(action.verb, action.job_id,
-                                                    **action.fields))
+            self.workers.send(action.dev, protocol.encode_request(action.verb, action.job_id,
+                                                                  **action.fields))
         elif kind is CancelJob:
-            self._to_worker(protocol.encode_request("CANCEL", 0, job=action.job_id))
+            self.workers.send(action.dev, protocol.encode_request("CANCEL", 0,
+                                                                  job=action.job_id))
         elif kind is Log:
             log.log(logging.getLevelName(action.level.upper()) if action.level != "exception"
                     else logging.ERROR, "%s", action.text)
         elif kind is KillWorker:
-            log.error("worker: %s; killing pid %s", action.why, self.core.worker.pid)
-            self.worker.kill()
+            self._kill(action)
         elif kind is SpawnWorker:
-            self.widentity = None
-            self._respawn_at = time.monotonic() + action.delay_s
+            link = self.workers.links[action.dev]
+            self.workers.forget(action.dev)
+            link.respawn_at = time.monotonic() + action.delay_s
 
     def _reply(self, identity, msg_id, fields):
         """Every reply to a client goes through here (and its outbox)."""
@@ -345,7 +329,15 @@ class Broker:
         else:
             self._slow.discard(identity)
 
-    def _to_worker(self, frames):
-        """Every frame to the worker goes through here."""
-        if self.widentity is not None:
-            self.wsock.send_multipart([self.widentity, *frames])
+    def _kill(self, action):
+        """A silent worker: kill a local process (it must not keep device memory); a remote
+        one is forgotten until it says READY again."""
+        link = self.workers.links[action.dev]
+        if link.process is not None:
+            log.error("worker: %s; killing pid %s (device %d)", action.why,
+                      self.core.devices[action.dev].pid, action.dev)
+            link.process.kill()
+        else:
+            log.error("worker: %s; remote device %d (%s) awaits its worker", action.why,
+                      action.dev, link.name)
+            self.workers.forget(action.dev)

@@ -101,6 +101,10 @@ class WorkerConfig:
     quantum: int = 4                      # batched steps a group runs per turn
     park_dir: Optional[str] = None        # parked state files (None: host memory only)
     log_level: str = "INFO"
+    name: Optional[str] = None            # how the broker knows this worker's device (None:
+                                          # HOST:gpuN or HOST:cpu)
+    curve_secret_key: Optional[str] = None   # tcp broker: this worker's zmq.auth secret key
+    curve_server_key: Optional[str] = None   # tcp broker: the broker's public key file
 
     def to_json(self):
         """The configuration as one JSON object (what --config takes)."""

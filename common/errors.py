@@ -43,6 +43,10 @@ class Reason:
     NO_DEVICE_TOTAL = "NO_DEVICE_TOTAL"    # VRAM_LEDGER_DENY: the worker has not reported a size
     OTHER_PROCESSES = "OTHER_PROCESSES"    # VRAM_LEDGER_DENY: fits our cap, but other processes
                                            # on the device left too little free
+    LIVE_LIMIT = "LIVE_LIMIT"              # per device in VRAM_LEDGER_DENY's devices: it fits,
+                                           # but --max-live-contexts agents are live there
+    NOT_READY = "NOT_READY"                # per device in VRAM_LEDGER_DENY's devices: its
+                                           # worker is starting or lost
     UNKNOWN_KEY = "UNKNOWN_KEY"            # MODEL_ERROR
     NOT_FOUND = "NOT_FOUND"
     NOT_GGUF = "NOT_GGUF"

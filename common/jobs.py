@@ -121,6 +121,35 @@ class ChatJob(Record):
 
 
 @dataclass
+class ExportJob(Record):
+    """Read up to size bytes, from offset, of a parked agent's saved state (RAM or file): the
+    broker moves it to another device's worker, chunk by chunk."""
+
+    VERB: ClassVar[str] = "EXPORT"
+    agent: str
+    offset: int
+    size: int
+
+
+@dataclass
+class ImportJob(Record):
+    """One chunk of a state another worker exported. The first creates the agent's slot
+    (parked, no seat: its model acquired); the last (offset + len(data) == total) makes the
+    bytes its parked state in host memory, with its tokens and pending tokens, so its next
+    DECODE or CHAT restores it into a seat as any parked agent."""
+
+    VERB: ClassVar[str] = "IMPORT"
+    agent: str
+    path: str
+    spec: dict
+    offset: int
+    total: int
+    data: bytes = b""
+    tokens: Optional[list] = None
+    pending: Optional[list] = None
+
+
+@dataclass
 class CancelJob(Record):
     """Out of band: stop that job at its next token (or drop it before it starts)."""
 
@@ -129,7 +158,7 @@ class CancelJob(Record):
 
 
 JOB_TYPES = {cls.VERB: cls for cls in (RegisterJob, UnregisterJob, ParkJob, ResizeJob,
-                                       DecodeJob, ChatJob, CancelJob)}
+                                       DecodeJob, ChatJob, CancelJob, ExportJob, ImportJob)}
 
 
 @dataclass
@@ -246,6 +275,19 @@ class RegisterResult(Record):
 
 
 @dataclass
+class ExportResult(Record):
+    data: bytes = b""
+    total: int = 0                    # the whole state's bytes (0: nothing to keep)
+    tokens: Optional[list] = None     # with the first chunk: what its KV holds
+    pending: Optional[list] = None
+
+
+@dataclass
+class ImportResult(RegisterResult):
+    done: bool = False                # the last chunk: the agent is parked here now
+
+
+@dataclass
 class UnregisterResult(Record):
     model_freed: bool = False
 
@@ -301,6 +343,7 @@ class ChatResult(RunStats):
 
 
 RESULT_TYPES = {"REGISTER": RegisterResult, "UNREGISTER": UnregisterResult,
+                "EXPORT": ExportResult, "IMPORT": ImportResult,
                 "PARK": ParkResult, "RESIZE": ResizeResult, "DECODE": DecodeResult, "CHAT": ChatResult}
 
 

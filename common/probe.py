@@ -140,13 +140,17 @@ def list_(ctx):
 @click.argument("agent")
 @click.argument("model")
 @click.option("--n-ctx", type=int, default=None, help="Context size [broker default].")
+@click.option("--device", default=None, help="Place it on this device (an index or a name "
+              "from STATUS devices) [the broker's placement].")
 @click.pass_context
-def register(ctx, agent, model, n_ctx):
+def register(ctx, agent, model, n_ctx, device):
     """REGISTER AGENT MODEL: MODEL is a table key or a GGUF path. On a terminal, a bar shows
     the model's load progress when this REGISTER loads it."""
     fields = {"agent": agent, "model": model}
     if n_ctx is not None:
         fields["n_ctx"] = n_ctx
+    if device is not None:
+        fields["device"] = int(device) if device.isdigit() else device
     if not sys.stdout.isatty():
         _call(ctx, "REGISTER", **fields)     # scripts: the reply only
         return

@@ -76,7 +76,8 @@ CLIENT_VERBS = {
     "REGISTER": {"agent": Field(str), "model": Field(str), "n_ctx": Field(int, False),
                  "flash_attn": Field(bool, False), "type_k": Field(str, False),
                  "type_v": Field(str, False), "swa_full": Field(bool, False),
-                 "key": Field(str, False), "progress": Field(bool, False)},
+                 "key": Field(str, False), "progress": Field(bool, False),
+                 "device": Field((int, str), False)},
     "UNREGISTER": {"agent": Field(str)},
     "DECODE": {"agent": Field(str), "prompt": Field(str), "n_predict": Field(int),
                "stream": Field(bool, False), "deadline_ms": Field(int, False),
@@ -105,6 +106,11 @@ WORKER_JOBS = {
     "PARK": {"agent": Field(str), "ram_bytes": Field(int), "disk": Field(bool),
              "shrink": Field(int, False)},
     "RESIZE": {"group": Field(int), "capacity": Field(int)},   # reclaim a group's free seats
+    # move a parked agent to another device: its saved state, chunk by chunk, through the broker
+    "EXPORT": {"agent": Field(str), "offset": Field(int), "size": Field(int)},
+    "IMPORT": {"agent": Field(str), "path": Field(str), "spec": Field(dict),
+               "offset": Field(int), "total": Field(int), "data": Field(bytes, False),
+               "tokens": Field(list, False), "pending": Field(list, False)},
     "DECODE": {"agent": Field(str), "prompt": Field(str), "n_predict": Field(int),
                "max_prompt_tokens": Field(int, False), "stream": Field(bool, False),
                "deadline_ms": Field(int, False), "seat": Field(dict, False)},
@@ -122,7 +128,8 @@ WORKER_JOBS = {
 
 # Worker -> broker messages.
 WORKER_EVENTS = {
-    "READY": {"pid": Field(int), "device": Field(dict), "streaming": Field(dict, False)},
+    "READY": {"pid": Field(int), "device": Field(dict), "streaming": Field(dict, False),
+              "name": Field(str, False)},     # the worker's name: its device at the broker
     "HEARTBEAT": {"device": Field(dict, False)},
     "RESULT": {"status": Field(str)},
     "TOKEN": {"index": Field(int), "token": Field(int), "text": Field(str)},
@@ -138,7 +145,8 @@ VERB_HELP = {
     "LIST": "registered agents with their model, bytes and state",
     "REGISTER": "agent, model (table key or GGUF path), n_ctx?, flash_attn?, type_k?, type_v?, "
                 "swa_full?, key? (a quotas client's key), progress? (partial replies carry the "
-                "model's load progress): admit and build an agent",
+                "model's load progress), device? (an index or name from STATUS devices: pin it "
+                "there): admit, place and build an agent",
     "UNREGISTER": "agent: release the agent's bytes, slot and model reference",
     "DECODE": "agent, prompt, n_predict, stream?, deadline_ms?, key?: greedy-decode continuing "
               "the agent's conversation; with stream, partial replies carry each token",

@@ -24,8 +24,10 @@ class RegisterReply(Record):
     model_refs: int
     load_ms: float
     kv_swap_parked: List[str] = field(default_factory=list)   # idle agents parked for it
-    ledger_max_bytes: int = 0
+    ledger_max_bytes: int = 0      # its device's ledger
     ledger_allocated_bytes: int = 0
+    device: int = 0                # the device it was placed on
+    device_name: Optional[str] = None
 
 
 @dataclass
@@ -162,6 +164,8 @@ class AgentRecord(Record):
     registered_at: float
     last_active: Optional[float]
     client: str = "default"        # the quotas client that registered it
+    device: int = 0                # the device whose worker holds it
+    device_name: Optional[str] = None
 
 
 @dataclass
@@ -174,6 +178,37 @@ class AgentState(Record):
     queue_depth: int
     generated_tokens: int
     last_active: Optional[float]
+    device: int = 0
+
+
+@dataclass
+class DeviceRecord(Record):
+    """One device as STATUS shows it: its worker, its reading and its own ledger."""
+
+    device: int                    # the broker's index (REGISTER's `device` takes it)
+    name: str                      # local:N, or the name a remote worker announced
+    remote: bool
+    worker_state: str
+    worker_pid: Optional[int]
+    worker_restarts: int
+    kind: Optional[str]            # cpu, cuda (null until its first READY)
+    device_name: Optional[str]     # the GPU's name (NVML) or "cpu (declared size)"
+    source: Optional[str]
+    gpu_index: Optional[int]
+    total_bytes: Optional[int]
+    used_bytes: Optional[int]      # NVML (null on CPU)
+    free_bytes: Optional[int]
+    worker_process_bytes: Optional[int]
+    ledger_max_bytes: int
+    ledger_allocated_bytes: int
+    ledger_percent_cap_bytes: int
+    external_bytes: Optional[int]
+    bookings: Dict[str, int]
+    agents: List[str]              # registered on it
+    live_agents: List[str]
+    models: List[str]              # paths whose weights are booked on it
+    waiting_for_room: int
+    context_builds: int
 
 
 @dataclass
@@ -186,6 +221,7 @@ class ModelRecord(Record):
     source: Optional[str] = None
     context_booked_bytes: int = 0
     worker_refs: int = 0
+    device: int = 0             # weights are booked per device: one record per device
 
 
 @dataclass
@@ -201,6 +237,7 @@ class GroupRecord(Record):
     seat_bytes: int
     booked_bytes: int
     members: List[str] = field(default_factory=list)
+    device: int = 0
 
 
 @dataclass
@@ -238,6 +275,7 @@ class StatusReply(Record):
     inflight: int
     groups: List[GroupRecord] = field(default_factory=list)
     context_builds: int = 0     # contexts the broker's workers built, since it started
+    devices: List[DeviceRecord] = field(default_factory=list)
 
 
 @dataclass

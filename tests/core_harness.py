@@ -5,10 +5,11 @@ from dataclasses import dataclass, field
 from lmx.broker.core import BrokerConfig, Core
 from lmx.broker.core.events import (ClientRequest, Reply, SendJob, Tick, WorkerReady,
                                     WorkerResult)
+from lmx.common.config import WorkerConfig
 from lmx.common.errors import Code, LmxError, Reason
-from lmx.common.jobs import (ChatResult, DecodeResult, DeviceReading, EngineSummary, GroupState,
-                             ParkResult, RegisterResult, ResizeResult, Result, SlotState,
-                             UnregisterResult)
+from lmx.common.jobs import (ChatResult, DecodeResult, DeviceReading, EngineSummary,
+                             ExportResult, GroupState, ImportResult, ParkResult,
+                             RegisterResult, ResizeResult, Result, SlotState, UnregisterResult)
 
 MiB = 1 << 20
 WEIGHTS = {"small": 100 * MiB, "big": 300 * MiB}
@@ -56,9 +57,9 @@ class FakeWorker:
     """Holds slots like the real worker would and answers jobs; park refusals follow the
     budget the broker sends (ram_bytes, disk) exactly as the engine does."""
 
-    def __init__(self):
+    def __init__(self, pending=None):
         self.slots = {}           # agent -> SlotState
-        self.pending = []         # SendJob actions not answered yet
+        self.pending = [] if pending is None else pending   # SendJobs not answered yet
         self.groups = {}          # gid -> [path, capacity, set of agents], as the engine seats
         self.builds = 0
 
@@ -112,6 +113,19 @@ class FakeWorker:
             return self._ok(None, ResizeResult(f["capacity"]))
         if verb == "PARK":
             return self._park(slot, f)
+        if verb == "EXPORT":
+            data = b"s" * max(min(f["size"], slot.parked_bytes - f["offset"]), 0)
+            return self._ok(slot.agent, ExportResult(data, slot.parked_bytes, [], []))
+        if verb == "IMPORT":
+            if f["offset"] == 0:
+                self.slots[f["agent"]] = SlotState(f["agent"], f["path"])
+            slot = self.slots[f["agent"]]
+            done = f["offset"] + len(f["data"]) >= f["total"]
+            if done:
+                slot.parked = "ram" if f["total"] else None
+                slot.parked_bytes = f["total"]
+                slot.n_past = f["total"] // STATE_BYTES_PER_TOKEN
+            return self._ok(slot.agent, ImportResult(done=done))
         self._seat(f["agent"], slot.model, f.get("seat"))
         if verb == "CHAT":
             slot.live, slot.parked, slot.parked_bytes = True, None, 0
@@ -142,17 +156,35 @@ class FakeWorker:
 
 
 class Harness:
-    """A core, a fake worker, a fake clock; every reply collected per (identity, id)."""
+    """A core, a fake worker per device, a fake clock; every reply collected per (identity,
+    id). devices > 1: that many local devices of `total` bytes each (or totals, one each);
+    jobs of every device wait in one list and each is answered by its device's worker."""
 
-    def __init__(self, total=1000 * MiB, **config):
+    def __init__(self, total=1000 * MiB, devices=1, totals=None, journal=None, **config):
         config.setdefault("admission_percent", 100)
-        self.core = Core(BrokerConfig(**config), fake_estimate, MemMeasured(), MemJournal())
-        self.worker = FakeWorker()
+        totals = list(totals or [total] * devices)
+        if len(totals) > 1:
+            config.setdefault("workers", [WorkerConfig(name=f"local:{i}")
+                                          for i in range(len(totals))])
+        self.core = Core(BrokerConfig(**config), fake_estimate, MemMeasured(),
+                         journal or MemJournal())
+        self.workers = []
+        for _ in totals:
+            self.workers.append(FakeWorker(self.workers[0].pending if self.workers else None))
+        self.worker = self.workers[0]
         self.now = 0.0
         self.ids = iter(range(1, 1 << 30))
         self.replies = {}
         self.ledger_trace = []
-        self.feed(WorkerReady(1, DeviceReading("cpu", "declared", "cpu", total), self.now))
+        for i, size in enumerate(totals):
+            self.ready(i, size)
+
+    def ready(self, dev, total, pid=None):
+        """Device dev's (new) worker says READY."""
+        self.workers[dev].groups.clear()
+        return self.feed(WorkerReady(pid or dev + 1, DeviceReading("cpu", "declared", "cpu",
+                                                                   total), self.now, dev=dev,
+                                     name=f"local:{dev}" if len(self.workers) > 1 else None))
 
     def feed(self, event):
         for action in self.core.handle(event):
@@ -186,7 +218,8 @@ class Harness:
     def answer(self, index=0, fail=None):
         job = self.worker.pending.pop(index)
         self.now += 0.001
-        self.feed(WorkerResult(job.job_id, self.worker.answer(job, fail), self.now, self.now))
+        self.feed(WorkerResult(job.job_id, self.workers[job.dev].answer(job, fail), self.now,
+                               self.now))
         self.feed(Tick(self.now, self.now))   # the heartbeat's role: the worker is alive
         return job
 

@@ -50,6 +50,7 @@ class Engine(ChatMixin, DecodeMixin, ParkMixin, SeatMixin):
             os.makedirs(park_dir, mode=0o700, exist_ok=True)
         self.parked_ram = 0               # host bytes of parked state held now (a fact)
         self.lost = {}                    # agent -> STATE_LOST error: its conversation reset
+        self.incoming = {}                # agent -> bytearray: a state being imported
         self.max_batch = max(1, max_batch)
         self.n_threads = n_threads
         self.gpu = gpu

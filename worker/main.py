@@ -16,11 +16,15 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 
+import socket
+
 import click
 import zmq
+import zmq.auth
 from click.core import ParameterSource
 
 from lmx.common import protocol
@@ -50,32 +54,52 @@ def compute_loop(ctx, jobs, engine, cancelled, quantum):
 class Worker:
     """The IO side: register with the broker, forward jobs and results, heartbeat."""
 
-    def __init__(self, broker, device, engine, heartbeat_s, liveness, quantum=4):
+    def __init__(self, broker, device, engine, heartbeat_s, liveness, quantum=4, name=None,
+                 curve=None):
         self.ctx = zmq.Context()
         self.results = make_socket(self.ctx, zmq.PAIR, RESULTS, bind=True)
-        self.sock = make_socket(self.ctx, zmq.DEALER, broker)
+        self.sock = make_socket(self.ctx, zmq.DEALER, broker, curve=curve)
+        # A broker that takes nothing for the liveness time is gone: never block forever.
+        self.sock.setsockopt(zmq.SNDTIMEO, int(heartbeat_s * liveness * 1000))
+        # Over CURVE, a broker that refuses this worker's key says so in the handshake.
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH) \
+            if curve else None
         self.device = device
+        self.name = name or default_name(device)
         self.heartbeat_s = heartbeat_s
         self.liveness = liveness
         self.jobs = queue.Queue()
         self.cancelled = set()          # job ids to stop at their next token
         self.stop = False
+        self.refused = False
         self.thread = threading.Thread(target=compute_loop, name="lmx-compute",
                                        args=(self.ctx, self.jobs, engine, self.cancelled,
                                              quantum),
                                        daemon=True)
 
     def send(self, verb, msg_id=0, **fields):
-        """Every frame to the broker goes through here."""
-        self.sock.send_multipart(protocol.encode_request(verb, msg_id, **fields))
+        """Every message of this thread's own to the broker goes through here."""
+        self.forward(protocol.encode_request(verb, msg_id, **fields))
+
+    def forward(self, frames):
+        """Every frame to the broker goes through here; one it will not take within the
+        liveness time stops the worker (the broker is gone)."""
+        try:
+            self.sock.send_multipart(frames)
+        except zmq.Again:
+            log.error("worker: the broker took nothing for %.1f s; exiting",
+                      self.heartbeat_s * self.liveness)
+            self.stop = True
 
     def run(self):
         """Main loop: until SHUTDOWN, a signal, or the broker falls silent."""
         self.thread.start()
-        self.send("READY", pid=os.getpid(), device=ready_device(self.device))
+        self.send("READY", pid=os.getpid(), device=ready_device(self.device), name=self.name)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.results, zmq.POLLIN)
+        if self.monitor is not None:
+            poller.register(self.monitor, zmq.POLLIN)
         last_heard = next_beat = time.monotonic()
         while not self.stop:
             events = dict(poller.poll(int(self.heartbeat_s * 1000)))
@@ -85,11 +109,16 @@ class Worker:
             # (5 ms a message when it runs Python between llama_decode calls).
             if self.results in events:
                 for frames in drain(self.results):
-                    self.sock.send_multipart(frames)
+                    self.forward(frames)
             if self.sock in events:
                 last_heard = now
                 for frames in drain(self.sock):
                     self._on_broker(frames)
+            if self.monitor is not None and self.monitor in events:
+                log.error("worker: the broker refused this worker's CURVE key (its public "
+                          "key is not in the broker's --curve-workers folder); exiting")
+                self.refused = True
+                break
             if now - last_heard > self.heartbeat_s * self.liveness:
                 log.error("worker: broker silent for %.1f s; exiting", now - last_heard)
                 break
@@ -116,6 +145,9 @@ class Worker:
         """Stop the compute thread (it frees llama.cpp state) and close sockets."""
         self.jobs.put(None)
         self.thread.join(timeout=30)
+        if self.monitor is not None:
+            self.sock.disable_monitor()
+            self.monitor.close()
         self.sock.close()
         self.results.close()
         self.ctx.term()
@@ -144,6 +176,28 @@ def incoming(msg, received):
             Code.INTERNAL, f"broker sent a {msg.verb} the worker cannot read: {exc}"))
 
 
+def default_name(device):
+    """HOST:gpuN or HOST:cpu: how the broker knows this worker's device across restarts."""
+    where = f"gpu{device.index}" if device.kind == "cuda" else "cpu"
+    return f"{socket.gethostname()}:{where}"
+
+
+def curve_keys(cfg):
+    """(public, secret, server public) for a tcp broker, from zmq.auth key files; None for
+    ipc. A tcp broker without keys is refused: the broker admits only known workers."""
+    if not cfg.broker.startswith("tcp://"):
+        return None
+    if not cfg.curve_secret_key or not cfg.curve_server_key:
+        raise click.UsageError(f"{cfg.broker} is a TCP broker: give --curve-secret-key (this "
+                               "worker's zmq.auth secret key) and --curve-server-key (the "
+                               "broker's public key)")
+    public, secret = zmq.auth.load_certificate(cfg.curve_secret_key)
+    server, _ = zmq.auth.load_certificate(cfg.curve_server_key)
+    if secret is None:
+        raise click.UsageError(f"{cfg.curve_secret_key} holds no secret key")
+    return public, secret, server
+
+
 def ready_device(device):
     """READY's device map: a reading plus whether the layer streamer can run here (decided
     without importing numba)."""
@@ -164,7 +218,8 @@ _FIELDS = {"broker": "broker", "vram_total": "vram_total", "gpu_index": "gpu_ind
            "force_cpu": "force_cpu", "threads": "threads", "heartbeat": "heartbeat_s",
            "liveness": "liveness", "simulate_others": "simulate_others",
            "max_batch": "max_batch", "quantum": "quantum", "park_dir": "park_dir",
-           "log_level": "log_level"}
+           "log_level": "log_level", "name": "name", "curve_secret_key": "curve_secret_key",
+           "curve_server_key": "curve_server_key"}
 
 
 def _size_option(ctx, param, value):
@@ -221,12 +276,21 @@ def build_config(ctx, config, options):
 @click.option("--park-dir", type=click.Path(file_okay=False), default=_D.park_dir,
               help="Parked state files: states a PARK sends to disk, and a copy of every "
               "parked state so a restart can resume conversations.")
+@click.option("--name", default=_D.name, help="How the broker knows this worker's device; "
+              "a worker that comes back under the same name gets its device and agents back "
+              "[default: HOST:gpuN or HOST:cpu].")
+@click.option("--curve-secret-key", type=click.Path(exists=True, dir_okay=False),
+              default=_D.curve_secret_key, help="tcp:// broker: this worker's zmq.auth secret "
+              "key file (its public key must be in the broker's --curve-workers folder).")
+@click.option("--curve-server-key", type=click.Path(exists=True, dir_okay=False),
+              default=_D.curve_server_key, help="tcp:// broker: the broker's public key file.")
 @click.option("--log-level", default=_D.log_level, show_default=True)
 def main(config, **options):
     """Run one lmx worker: the llama.cpp backend for one GPU (or the CPU)."""
     cfg = build_config(click.get_current_context(), config, options)
     if not cfg.broker:
         raise click.UsageError("no broker endpoint: give --broker or --config")
+    curve_keys(cfg)                      # a tcp broker without keys is a usage error
     serve(cfg)
 
 
@@ -242,13 +306,16 @@ def serve(cfg):
     engine = Engine(n_threads, gpu=device.kind == "cuda", pinned=device.kind == "cuda",
                     process_bytes=lambda: device.read()["process_bytes"],
                     park_dir=cfg.park_dir, max_batch=cfg.max_batch)
-    worker = Worker(cfg.broker, device, engine, cfg.heartbeat_s, cfg.liveness, cfg.quantum)
+    worker = Worker(cfg.broker, device, engine, cfg.heartbeat_s, cfg.liveness, cfg.quantum,
+                    cfg.name, curve_keys(cfg))
     # Signal handlers do no work: they ask the loop to stop.
     signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "stop", True))
     signal.signal(signal.SIGINT, lambda *_: setattr(worker, "stop", True))
-    log.info("worker: pid=%d device=%s threads=%d broker=%s", os.getpid(),
-             device.read()["name"], n_threads, cfg.broker)
+    log.info("worker: pid=%d name=%s device=%s threads=%d broker=%s", os.getpid(),
+             worker.name, device.read()["name"], n_threads, cfg.broker)
     worker.run()
+    if worker.refused:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

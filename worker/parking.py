@@ -15,7 +15,8 @@ import logging
 import os
 
 from lmx.common.errors import Code, LmxError, Reason
-from lmx.common.jobs import ParkResult
+from lmx.common.ctxspec import ContextSpec
+from lmx.common.jobs import ExportResult, ImportResult, ParkResult, RegisterResult
 from lmx.worker import parkdisk, seqstate
 from lmx.worker.device import HostBuffer
 
@@ -140,6 +141,56 @@ class ParkMixin:
         err = LmxError(Code.STATE_LOST, f"{why}; its conversation was reset", agent=slot.agent)
         self.lost[slot.agent] = err
         return err
+
+    def export_state(self, agent, offset, size):
+        """Up to size bytes of a parked agent's saved state from offset (host memory or its
+        file), the total, and with the first chunk its tokens: an ExportResult."""
+        slot = self._slot(agent)
+        if slot.group is not None:
+            raise LmxError(Code.INTERNAL, f"EXPORT of {agent!r}, which is live (a broker bug)")
+        if slot.parked is not None:
+            total = slot.parked_bytes
+            end = min(offset + size, total)
+            data = ctypes.string_at(ctypes.addressof(slot.parked.data.contents) + offset,
+                                    max(end - offset, 0))
+        elif slot.on_disk:
+            found = parkdisk.load(self.park_dir, agent, self._disk_key(slot)) \
+                if self.park_dir else None
+            if not found:
+                raise LmxError(Code.STATE_LOST, f"the state of {agent!r} on disk is gone",
+                               agent=agent)
+            total, data = len(found[0]), found[0][offset:offset + size]
+        else:
+            total, data = 0, b""
+        first = offset == 0
+        return ExportResult(data, total, list(slot.tokens) if first else None,
+                            list(slot.pending) if first else None)
+
+    def import_state(self, job):
+        """One chunk of a state another worker exported (an ImportJob): the first creates the
+        slot (parked, no seat), the last makes the bytes its parked state in host memory."""
+        if job.offset == 0:
+            out = self.register(job.agent, job.path, ContextSpec(**job.spec))
+            self.incoming[job.agent] = bytearray(job.total)
+        else:
+            self._slot(job.agent)
+            out = RegisterResult()
+        buf = self.incoming[job.agent]
+        buf[job.offset:job.offset + len(job.data)] = job.data
+        done = job.offset + len(job.data) >= job.total
+        if done:
+            del self.incoming[job.agent]
+            slot = self._slot(job.agent)
+            slot.tokens, slot.pending = list(job.tokens or []), list(job.pending or [])
+            if job.total:
+                host = HostBuffer(job.total + seqstate.SPARE, self.pinned)
+                host.capacity, host.nbytes = job.total + seqstate.SPARE, job.total
+                ctypes.memmove(host.data, bytes(buf), job.total)
+                slot.parked, slot.parked_bytes = host, job.total
+                self.parked_ram += job.total
+            log.info("worker: imported %s (%d bytes of state, %d tokens)", job.agent,
+                     job.total, slot.n_past)
+        return ImportResult(**out.__dict__, done=done)
 
     def _where(self, slot):
         if slot.group is not None:

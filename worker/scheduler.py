@@ -28,8 +28,8 @@ from typing import NamedTuple, Optional
 from lmx.common import protocol
 from lmx.common.ctxspec import ContextSpec
 from lmx.common.errors import Code, LmxError
-from lmx.common.jobs import (ChatJob, DecodeJob, LoadFraction, ParkJob, RegisterJob, ResizeJob,
-                             ResizeResult, Result, UnregisterJob)
+from lmx.common.jobs import (ChatJob, DecodeJob, ExportJob, ImportJob, LoadFraction, ParkJob,
+                             RegisterJob, ResizeJob, ResizeResult, Result, UnregisterJob)
 
 log = logging.getLogger("lmx.worker")
 
@@ -82,6 +82,11 @@ class Scheduler:
                 seat=job.seat, on_progress=self._progress(item) if job.progress else None))
         elif isinstance(job, ResizeJob):
             self._finish(item, lambda: self._resize(job))
+        elif isinstance(job, ExportJob):
+            self._finish(item, lambda: self.engine.export_state(job.agent, job.offset,
+                                                                job.size))
+        elif isinstance(job, ImportJob):
+            self._finish(item, lambda: self.engine.import_state(job))
         elif isinstance(job, ParkJob):
             if job.agent in self.running or self.waiting.get(job.agent):
                 self._reply(item, error=LmxError(

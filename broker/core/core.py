@@ -14,12 +14,13 @@ are booked again, so the ledger never goes over its cap.
 import itertools
 
 from lmx.broker.core import booking, chatreq, outcomes, recovery, room, views
+from lmx.broker.core.devices import DeviceView
+from lmx.broker.core.devices import resolve as devices_resolve
 from lmx.broker.core.events import (CancelJob, ClientRequest, ClientSlow, Log, Reply, SendJob, Tick,
                                     WorkerHeartbeat, WorkerLost, WorkerProgress, WorkerReady,
                                     WorkerResult, WorkerStarting, WorkerToken)
 from lmx.broker.core.quotas import QuotaBook
 from lmx.broker.core.state import Lane, Op
-from lmx.broker.ledger import Ledger
 from lmx.common import protocol
 from lmx.common.ctxspec import ContextSpec
 from lmx.common.errors import Code, LmxError, Reason
@@ -30,44 +31,22 @@ READ_ONLY = {"STATUS", "LIST", "HELP"}
 RUNS = ("DECODE", "CHAT")
 
 
-class WorkerView:
-    """What the core knows of its worker: state, pid, device reading, engine summary."""
-
-    def __init__(self):
-        self.state = "starting"           # starting -> ready -> lost -> starting ...
-        self.pid = None
-        self.device = None                # DeviceReading
-        self.engine = None                # EngineSummary of the last result
-        self.streaming = None             # StreamingInfo from READY
-        self.last_seen = 0.0
-        self.restarts = 0
-        self.backoff = 1.0
-        self.replayed = False             # the journal was replayed (first READY)
-        self.overhead_measured = False
-        self.builds_before = 0            # context builds of the workers before this one
-
-    @property
-    def kind(self):
-        return self.device.kind if self.device is not None else "cpu"
-
-
 class Core:
-    """Admission, bookings, lanes, parking, deadlines and recovery for one worker."""
+    """Admission, bookings, lanes, parking, deadlines and recovery for every device."""
 
     def __init__(self, config, estimate, measured, journal, started=0.0):
         self.config = config
         self.estimate = estimate          # (model, ContextSpec, device kind) -> Estimate
         self.measured, self.journal = measured, journal
         self.started = started            # wall time, for uptime_s
-        self.ledger = Ledger(None, config.admission_percent)
-        self.agents, self.models, self.lost = {}, {}, {}
-        self.groups = {}                  # gid -> seats.SeatGroup (the worker's contexts)
+        self.devices = [DeviceView(i, w.name, config.admission_percent)
+                        for i, w in enumerate(config.local_workers())]
+        self.agents, self.lost = {}, {}
+        self.groups = {}                  # gid -> seats.SeatGroup (the workers' contexts)
         self._gids = itertools.count(1)
         self.lanes = {}                   # agent name -> Lane
         self.jobs = {}                    # job id -> the Op waiting for it
-        self.room = room.RoomQueue()
         self.quotas = QuotaBook(config.quotas)
-        self.worker = WorkerView()
         self.counters = {"requests": 0, "errors": 0}
         self.revision = 0                 # bumped on every change STATUS could show
         self.now = self.wall = 0.0
@@ -87,6 +66,28 @@ class Core:
         self._starters = {"REGISTER": lambda op: booking.start_register(self, op),
                           "UNREGISTER": lambda op: booking.start_unregister(self, op),
                           "DECODE": self._start_run, "CHAT": self._start_run}
+
+    # -- the first device (what a single-device broker and its tests look at) ---------------
+
+    @property
+    def worker(self):
+        return self.devices[0]
+
+    @property
+    def ledger(self):
+        return self.devices[0].ledger
+
+    @property
+    def models(self):
+        return self.devices[0].models
+
+    @property
+    def room(self):
+        """Every op waiting for room, on any device."""
+        return [op for dev in self.devices for op in dev.room]
+
+    def device(self, index):
+        return self.devices[index]
 
     # -- the one entry point ----------------------------------------------------------------
 
@@ -119,11 +120,11 @@ class Core:
         self._out.append(Reply(identity, msg_id, fields, status_rev))
 
     def send(self, op, job):
-        """Send a job record to the worker on behalf of op."""
+        """Send a job record to the worker of op's device on behalf of op."""
         job_id = next(self._ids)
         op.job_id, op.sent_at = job_id, self.now
         self.jobs[job_id] = op
-        self._out.append(SendJob(job_id, job.VERB, job.to_wire()))
+        self._out.append(SendJob(job_id, job.VERB, job.to_wire(), op.dev))
 
     def next_gid(self):
         return next(self._gids)
@@ -165,10 +166,11 @@ class Core:
                            Reason.BAD_VALUE, field="n_ctx")
         client = self.quotas.client(f.get("key"))
         self._check_depth()
-        self._enqueue(Op("REGISTER", f["agent"], {"model": f["model"], "spec": spec,
-                                                  "client": client,
-                                                  "progress": bool(f.get("progress"))},
-                         ev.now, ev.identity, ev.msg_id))
+        fields = {"model": f["model"], "spec": spec, "client": client,
+                  "progress": bool(f.get("progress"))}
+        if f.get("device") is not None:
+            fields["device"] = devices_resolve(self, f["device"]).index
+        self._enqueue(Op("REGISTER", f["agent"], fields, ev.now, ev.identity, ev.msg_id))
 
     def _unregister(self, ev):
         self._check_depth()
@@ -226,12 +228,13 @@ class Core:
         self.reply(ev.identity, ev.msg_id, CancelReply(agent, request, where).to_wire())
 
     def emit_cancel(self, op):
-        self.emit(CancelJob(op.job_id))
+        self.emit(CancelJob(op.job_id, op.dev))
 
     def _check_depth(self):
         """BUSY when the requests held here (not yet at the worker) reach --queue-depth."""
-        if self.worker.state != "ready":
-            raise LmxError(Code.WORKER_UNAVAILABLE, f"worker is {self.worker.state}; try again")
+        if not any(d.state == "ready" for d in self.devices):
+            state = self.devices[0].state if len(self.devices) == 1 else "not ready"
+            raise LmxError(Code.WORKER_UNAVAILABLE, f"worker is {state}; try again")
         held = self.queue_depth()
         if held >= self.config.queue_depth:
             raise LmxError(Code.BUSY, f"request queue is full ({held} waiting)",
@@ -240,7 +243,7 @@ class Core:
     def queue_depth(self):
         """Requests accepted but not yet sent to the worker (the one formula for BUSY)."""
         queued = sum(len(lane.queue) for lane in self.lanes.values())
-        return queued + sum(1 for op in self.room if not op.internal)
+        return queued + sum(1 for dev in self.devices for op in dev.room if not op.internal)
 
     # -- lanes ------------------------------------------------------------------------------
 
@@ -298,11 +301,12 @@ class Core:
     def _start_run(self, op):
         rec = self.agent(op.agent)
         self.quotas.check_run(rec.client, self.now)
-        self.need_worker()
-        if rec.live and not room.blocks(self) and not room.over_live_limit(self):
+        dev = self.need_device(rec.dev)
+        op.dev = rec.dev
+        if rec.live and not room.blocks(dev) and not room.over_live_limit(self, dev):
             self.launch_run(op)
         else:
-            self.room.append(op)            # room.pump makes it live, in arrival order
+            dev.room.append(op)             # room.pump makes it live, in arrival order
 
     def launch_run(self, op):
         """Send a DECODE or CHAT whose agent is live."""
@@ -320,8 +324,9 @@ class Core:
         self.send(op, job)
 
     def _on_token(self, ev):
-        self.worker.last_seen = ev.now
         op = self.jobs.get(ev.job_id)
+        if op is not None:
+            self.devices[op.dev].last_seen = ev.now
         if op is not None and op.fields.get("stream") and not op.slow:
             record = ChatPartial(op.agent, ev.index, ev.text) if op.verb == "CHAT" else \
                 PartialReply(op.agent, ev.index, ev.token, ev.text)
@@ -361,17 +366,22 @@ class Core:
             raise LmxError(Code.UNKNOWN_AGENT, f"no agent {name!r} is registered")
         return rec
 
-    def need_worker(self):
-        if self.worker.state != "ready":
-            raise LmxError(Code.WORKER_UNAVAILABLE, f"worker is {self.worker.state}; try again")
+    def need_device(self, index):
+        """The device, or WORKER_UNAVAILABLE while its worker is not ready."""
+        dev = self.devices[index]
+        if dev.state != "ready":
+            where = f" on device {index} ({dev.name})" if len(self.devices) > 1 else ""
+            raise LmxError(Code.WORKER_UNAVAILABLE, f"worker{where} is {dev.state}; try again")
+        return dev
 
     def default_spec(self):
+        kind = next((d.kind for d in self.devices if d.state == "ready"), "cpu")
         return ContextSpec(n_ctx=self.config.default_n_ctx,
-                           n_gpu_layers=-1 if self.worker.kind == "cuda" else 0)
+                           n_gpu_layers=-1 if kind == "cuda" else 0)
 
-    def ledger_numbers(self):
-        return {"ledger_max_bytes": self.ledger.max_bytes,
-                "ledger_allocated_bytes": self.ledger.allocated_bytes}
+    def ledger_numbers(self, index=0):
+        led = self.devices[index].ledger
+        return {"ledger_max_bytes": led.max_bytes, "ledger_allocated_bytes": led.allocated_bytes}
 
     def status_fields(self):
         """STATUS's record as a map (the server packs it once per revision)."""

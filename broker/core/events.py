@@ -32,6 +32,9 @@ class WorkerReady:
     device: DeviceReading
     now: float
     streaming: Optional[StreamingInfo] = None
+    dev: int = 0                      # the broker's device index (server.py maps names)
+    name: Optional[str] = None        # the worker's name (a remote one keeps its device by it)
+    remote: bool = False
 
 
 @dataclass
@@ -40,6 +43,7 @@ class WorkerHeartbeat:
 
     device: Optional[DeviceReading]
     now: float
+    dev: int = 0
 
 
 @dataclass
@@ -77,6 +81,7 @@ class WorkerStarting:
     """The server started a new worker process (after a SpawnWorker)."""
 
     now: float
+    dev: int = 0
 
 
 @dataclass
@@ -85,6 +90,7 @@ class WorkerLost:
 
     why: str
     now: float
+    dev: int = 0
 
 
 @dataclass
@@ -124,6 +130,7 @@ class SendJob:
     job_id: int
     verb: str
     fields: dict
+    dev: int = 0                      # the device whose worker runs it
 
 
 @dataclass
@@ -131,6 +138,7 @@ class CancelJob:
     """Ask the worker to stop a job at its next token, or drop it before it starts."""
 
     job_id: int
+    dev: int = 0
 
 
 @dataclass
@@ -138,13 +146,15 @@ class KillWorker:
     """The worker stopped answering: kill its process (it must not keep device memory)."""
 
     why: str
+    dev: int = 0
 
 
 @dataclass
 class SpawnWorker:
-    """Start a worker after delay_s seconds (back-off after a loss)."""
+    """Start the device's local worker after delay_s seconds (back-off after a loss)."""
 
     delay_s: float
+    dev: int = 0
 
 
 @dataclass

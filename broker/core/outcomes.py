@@ -1,28 +1,31 @@
 """What the core does with a worker's RESULT: per job verb, and the facts every result brings."""
-from lmx.broker.core import booking, room, seats
+from lmx.broker.core import booking, moves, room, seats
 from lmx.common.jobs import RESULT_TYPES
 from lmx.common.replies import ChatReply, DecodeReply
 
 
 def on_result(core, ev):
     """A job finished: take its facts, then finish the op that waited for it."""
-    core.worker.last_seen = ev.now
     op = core.jobs.pop(ev.job_id, None)
     if op is None:
         core.log("error", f"worker: result for unknown job {ev.job_id}")
         return
+    dev = core.devices[op.dev]
+    dev.last_seen = ev.now
     result = ev.result
     if result.engine is not None:
-        core.worker.engine = result.engine
+        dev.engine = result.engine
     if result.ok and result.out is not None:
         verb = "REGISTER" if op.verb == "RESTORE" else op.verb
+        if op.verb == "MOVE":
+            verb = "UNREGISTER" if op.fields["job"] == "UNDO" else op.fields["job"]
         result.out = RESULT_TYPES[verb].from_wire(result.out)
     if result.slot is not None:
         absorb_slot(core, result.slot)
     _DONE[op.verb](core, op, result)
-    seats.sync(core, result.engine)
-    seats.reconcile(core, result.engine)
-    booking.reconcile_overhead(core, core.worker.engine)
+    seats.sync(core, dev.index, result.engine)
+    seats.reconcile(core, dev.index, result.engine)
+    booking.reconcile_overhead(core, dev)
 
 
 def absorb_slot(core, slot):
@@ -102,5 +105,5 @@ def restore_done(core, op, result):
 
 _DONE = {"REGISTER": booking.register_done, "UNREGISTER": booking.unregister_done,
          "DECODE": run_done, "CHAT": run_done, "PARK": room.park_done,
-         "RESIZE": room.resize_done,
+         "RESIZE": room.resize_done, "MOVE": moves.move_done,
          "RESTORE": restore_done}

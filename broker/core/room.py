@@ -13,17 +13,17 @@ and bytes are released only when the worker confirms. A refused PARK leaves the 
 and booked. Only then is the op's seat booked, so the ledger never books what is still
 allocated.
 
-While one op waits with no room found, every later DECODE waits behind it (first come, first
-served), so busy agents go idle in turn and the waiting one cannot starve; ops whose victims
-are being parked do not hold back live agents' runs, and while every op ahead of it takes over
-a seat as is, the next op plans too (many agents are swapped in at once). When nothing is
-running that could free room, the op is answered at once instead of waiting forever.
+While one op waits with no room found, every later DECODE on its device waits behind it
+(first come, first served), so busy agents go idle in turn and the waiting one cannot starve;
+ops whose victims are being parked do not hold back live agents' runs, and while every op
+ahead of it takes over a seat as is, the next op plans too (many agents are swapped in at
+once). When nothing is running that could free room, the op is answered at once instead of
+waiting forever. Each device has its own queue and plans with its own agents and ledger only.
 """
-import collections
 from dataclasses import dataclass
 from typing import Optional
 
-from lmx.broker.core import booking, seats
+from lmx.broker.core import booking, moves, seats
 from lmx.broker.core.state import Lane, Op
 from lmx.common.errors import Code, LmxError, Reason
 from lmx.common.jobs import ParkJob, ResizeJob
@@ -31,22 +31,19 @@ from lmx.common.jobs import ParkJob, ResizeJob
 RUNS = ("DECODE", "CHAT")
 
 
-class RoomQueue(collections.deque):
-    """Ops waiting for room to make their agent live, in arrival order."""
-
-
 def parked_ram(core):
     """Host bytes of every parked state the worker holds in RAM (the park budget's use)."""
     return sum(a.parked_bytes for a in core.agents.values() if a.parked == "ram")
 
 
-def live_count(core):
-    return sum(1 for a in core.agents.values() if a.live)
+def live_count(core, dev):
+    return sum(1 for a in core.agents.values() if a.live and a.dev == dev.index)
 
 
-def over_live_limit(core):
+def over_live_limit(core, dev):
+    """--max-live-contexts counts the live agents of each device."""
     limit = core.config.max_live_contexts
-    return bool(limit) and live_count(core) > limit
+    return bool(limit) and live_count(core, dev) > limit
 
 
 @dataclass
@@ -69,12 +66,12 @@ def _need(core, op, rec):
     est = op.estimate
     seat, compute = seats.split(est)
     return (est.path, op.fields["spec"].as_dict(), seat, compute,
-            0 if est.path in core.models else est.weights)
+            0 if est.path in core.devices[op.dev].models else est.weights)
 
 
 def need_bytes(core, op, rec):
     path, spec, seat, compute, weights = _need(core, op, rec)
-    return seats.cheapest(core, path, spec, seat, compute) + weights
+    return seats.cheapest(core, op.dev, path, spec, seat, compute) + weights
 
 
 def _total(group, capacity):
@@ -88,17 +85,18 @@ def plan(core, op, rec):
     move, nothing is rebuilt); else free seats of other groups are reclaimed, then the least
     recently used idle agents are parked and their groups shrunk. --max-live-contexts may ask
     for more parks."""
-    live = live_count(core) + (0 if rec is not None and rec.live else 1)
+    dev = core.devices[op.dev]
+    live = live_count(core, dev) + (0 if rec is not None and rec.live else 1)
     limit = core.config.max_live_contexts
     extra = max(live - limit, 0) if limit else 0
     idle = sorted((a for a in core.agents.values() if a.live and a is not rec and
-                   a.state == "ready" and not a.unparkable and core.lane_idle(a.name)),
-                  key=lambda a: a.last_used)
+                   a.dev == dev.index and a.state == "ready" and not a.unparkable and
+                   core.lane_idle(a.name)), key=lambda a: a.last_used)
     if rec is not None and rec.live:
         return [Step("park", v.name) for v in idle[:extra]] if len(idle) >= extra else None
     path, spec, seat, compute, weights = _need(core, op, rec)
-    need = seats.cheapest(core, path, spec, seat, compute) + weights
-    free = core.ledger.max_bytes - core.ledger.allocated_bytes
+    need = seats.cheapest(core, dev.index, path, spec, seat, compute) + weights
+    free = dev.free_bytes
     if free >= need and not extra:
         return []
     same = _by_busy_group(core, [a for a in idle if a.path == path and a.spec == spec])
@@ -108,7 +106,7 @@ def plan(core, op, rec):
             return None
         return [Step("park", same[0].name, takeover=True)] + [Step("park", v.name)
                                                                for v in others]
-    return _plan_bytes(core, idle, need - free, extra, (path, spec))
+    return _plan_bytes(core, dev, idle, need - free, extra, (path, spec))
 
 
 def _by_busy_group(core, idle):
@@ -122,12 +120,14 @@ def _by_busy_group(core, idle):
     return sorted(idle, key=lambda a: -busy.get(a.gid, 0))
 
 
-def _plan_bytes(core, idle, short, extra, key):
+def _plan_bytes(core, dev, idle, short, extra, key):
     """Resizes of other groups' free seats, then parks (the last of a group shrinks it)."""
     steps, freed = [], 0
     for group in sorted(core.groups.values(), key=lambda g: (len(g.members), g.gid)):
         if freed >= short:
             break
+        if group.dev != dev.index:
+            continue
         if group.free > 0 and (group.path, group.spec) != key:
             steps.append(Step("resize", group=group.gid, shrink=len(group.members)))
             freed += _total(group, group.capacity) - _total(group, len(group.members))
@@ -152,16 +152,22 @@ def _plan_bytes(core, idle, short, extra, key):
 
 
 def pump(core):
-    """Serve the room queue in arrival order. An op whose PARKs are under way is passed over,
-    so many agents are made live at once (their PARKs reach the worker together), but only
-    while every op before it takes over a seat as is: bytes freed for one op are never
+    """Serve each device's room queue (_pump)."""
+    for dev in core.devices:
+        _pump(core, dev)
+
+
+def _pump(core, dev):
+    """Serve dev's room queue in arrival order. An op whose PARKs are under way is passed
+    over, so many agents are made live at once (their PARKs reach the worker together), but
+    only while every op before it takes over a seat as is: bytes freed for one op are never
     counted for another. The first op that must wait stops the rest (first come, first
     served)."""
     at = 0
-    while at < len(core.room):
-        op = core.room[at]
-        if op.victims:                      # its PARKs are not all confirmed yet
-            if not all(step.takeover for step in op.victims):
+    while at < len(dev.room):
+        op = dev.room[at]
+        if op.victims:                      # its PARKs (or its move) are not confirmed yet
+            if not all(getattr(step, "takeover", False) for step in op.victims):
                 return
             at += 1
             continue
@@ -170,20 +176,20 @@ def pump(core):
             at += 1
             continue
         if outcome == "ready":
-            del core.room[at]
+            del dev.room[at]
             _launch(core, op)
             continue
-        if op.verb in RUNS and _room_may_come(core):
+        if op.verb in RUNS and _room_may_come(core, dev):
             return                          # a running request will leave idle agents
-        del core.room[at]
+        del dev.room[at]
         core.end(op, _no_room(core, op).fields())
 
 
-def blocks(core):
-    """True while an op waits for room with none found yet: a live agent's new run waits
-    behind it (so busy agents go idle in turn and it cannot starve). Ops whose PARKs are under
-    way hold their seats already; runs of live agents pass them."""
-    return any(not op.victims for op in core.room)
+def blocks(dev):
+    """True while an op waits for room on dev with none found yet: a live agent's new run
+    there waits behind it (so busy agents go idle in turn and it cannot starve). Ops whose
+    PARKs are under way hold their seats already; runs of live agents pass them."""
+    return any(not op.victims for op in dev.room)
 
 
 def _try(core, op):
@@ -191,7 +197,11 @@ def _try(core, op):
     rec = core.agents.get(op.agent) if op.verb in RUNS else None
     steps = plan(core, op, rec)
     if steps is None:
-        return "wait"
+        there = moves.target(core, rec) if op.verb in RUNS else None
+        if there is None:
+            return "wait"
+        moves.start(core, op, rec, *there)      # no room here; another device has some
+        return "parking"
     if steps:
         _reserve(core, op, steps)
         return "parking"
@@ -212,29 +222,32 @@ def _launch(core, op):
         booking.send_register(core, op)
 
 
-def _room_may_come(core):
-    """True while a job runs whose end can leave an agent idle or free bytes."""
+def _room_may_come(core, dev):
+    """True while a job runs on dev whose end can leave an agent idle or free bytes."""
     return any(o.verb in ("DECODE", "CHAT", "REGISTER", "UNREGISTER", "RESTORE", "RESIZE")
-               for o in core.jobs.values())
+               and o.dev == dev.index for o in core.jobs.values())
 
 
 def _no_room(core, op):
     """The answer for an op that cannot get room: the ledger's numbers, or the park budget."""
     rec = core.agents.get(op.agent) if op.verb in RUNS else None
     need = need_bytes(core, op, rec)
-    stuck = [a.name for a in core.agents.values() if a.live and a.unparkable]
+    stuck = [a.name for a in core.agents.values() if a.live and a.unparkable and
+             a.dev == op.dev]
     if stuck:
         return LmxError(Code.LIMIT, f"no room for {op.agent!r}: parking {', '.join(stuck)} "
                         f"does not fit the {core.config.park_ram}-byte host budget for parked "
                         "state and there is no state directory to spill to", Reason.PARK_BUDGET,
                         agent=op.agent, park_ram=core.config.park_ram,
                         parked_ram_bytes=parked_ram(core), requested_bytes=need,
-                        **core.ledger_numbers())
-    free = core.ledger.max_bytes - core.ledger.allocated_bytes
+                        **core.ledger_numbers(op.dev))
+    led = core.devices[op.dev].ledger
+    free = led.max_bytes - led.allocated_bytes
+    where = f" on device {op.dev}" if len(core.devices) > 1 else ""
     return LmxError(Code.VRAM_LEDGER_DENY, f"agent {op.agent!r} needs {need} bytes but only "
-                    f"{max(free, 0)} of the {core.ledger.max_bytes}-byte cap are free and no "
+                    f"{max(free, 0)} of the {led.max_bytes}-byte cap{where} are free and no "
                     "idle agent can be parked", Reason.CAP, agent=op.agent,
-                    requested_bytes=need, **core.ledger_numbers())
+                    requested_bytes=need, device=op.dev, **core.ledger_numbers(op.dev))
 
 
 def _reserve(core, op, steps):
@@ -243,10 +256,11 @@ def _reserve(core, op, steps):
     op.victims = list(steps)
     for step in steps:
         if step.kind == "park":
-            step.op = Op("PARK", step.agent, {}, core.now, for_op=op, step=step)
+            step.op = Op("PARK", step.agent, {}, core.now, for_op=op, step=step, dev=op.dev)
             core.lanes.setdefault(step.agent, Lane()).active = step.op
         else:
-            step.op = Op("RESIZE", f"group:{step.group}", {}, core.now, for_op=op, step=step)
+            step.op = Op("RESIZE", f"group:{step.group}", {}, core.now, for_op=op, step=step,
+                         dev=op.dev)
     _send_next(core, op)
 
 
@@ -301,7 +315,7 @@ def _next(core, op, step, ok):
         op.victims.pop(0)
     if not ok:
         _release(core, op)
-    elif op.victims and op in core.room:
+    elif op.victims and op in core.devices[op.dev].room:
         _send_next(core, op)
 
 
@@ -318,7 +332,8 @@ def _release(core, op):
 def abandon(core, op):
     """op leaves the room queue before it got room (CANCEL, deadline); a step already at the
     worker finishes (its result is applied), the others are dropped."""
-    if op in core.room:
-        core.room.remove(op)
+    room = core.devices[op.dev].room
+    if op in room:
+        room.remove(op)
         op.victims = [s for s in op.victims if s.op is None or s.op.job_id is None]
         _release(core, op)

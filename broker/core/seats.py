@@ -40,6 +40,7 @@ class SeatGroup:
     compute_bytes: int
     members: set = field(default_factory=set)
     builds: int = 0                 # the worker's count, from its last report
+    dev: int = 0                    # the device whose worker holds the context
 
     @property
     def key(self):
@@ -72,20 +73,25 @@ def most_seats(core, spec):
     return max(1, min(core.config.worker.max_batch, spec.get("n_batch", 512), MAX_SEATS))
 
 
-def groups_of(core, path, spec):
-    return sorted((g for g in core.groups.values() if g.path == path and g.spec == spec),
-                  key=lambda g: g.gid)
+def groups_of(core, dev, path, spec):
+    return sorted((g for g in core.groups.values() if g.path == path and g.spec == spec and
+                   g.dev == dev), key=lambda g: g.gid)
 
 
-def options(core, path, spec, seat, compute):
-    """Ways to seat one more agent, best first: [(group or None for a new one, capacity,
-    bytes it adds to the ledger)]. A free seat adds nothing."""
-    mine = groups_of(core, path, spec)
+def _ledger(core, dev):
+    return core.devices[dev].ledger
+
+
+def options(core, dev, path, spec, seat, compute):
+    """Ways to seat one more agent on device dev, best first: [(group or None for a new one,
+    capacity, bytes it adds to the ledger)]. A free seat adds nothing."""
+    mine = groups_of(core, dev, path, spec)
     for g in mine:
         if g.free > 0:
             return [(g, g.capacity, 0)]
     most = most_seats(core, spec)
-    free = core.ledger.max_bytes - core.ledger.allocated_bytes
+    led = _ledger(core, dev)
+    free = led.max_bytes - led.allocated_bytes
     for g in mine:
         if g.capacity < most:
             double = min(2 * g.capacity, most)
@@ -95,25 +101,25 @@ def options(core, path, spec, seat, compute):
     return [(None, 1, compute + seat)]
 
 
-def cheapest(core, path, spec, seat, compute):
-    """The fewest bytes seating one more agent can add."""
-    return min(cost for _, _, cost in options(core, path, spec, seat, compute))
+def cheapest(core, dev, path, spec, seat, compute):
+    """The fewest bytes seating one more agent on device dev can add."""
+    return min(cost for _, _, cost in options(core, dev, path, spec, seat, compute))
 
 
 def take(core, rec, extra=None):
-    """Seat rec (an Agent not live): book its seat (and extra {key: bytes}, e.g. a new model's
-    weights) in one step, the best option that fits. Return the job's seat map, or the
-    Denial of the cheapest option."""
+    """Seat rec (an Agent not live) on its device: book its seat (and extra {key: bytes}, e.g.
+    a new model's weights) in one step, the best option that fits. Return the job's seat
+    map, or the Denial of the cheapest option."""
     denial = None
-    for group, capacity, _ in options(core, rec.path, rec.spec, rec.booked_bytes,
+    for group, capacity, _ in options(core, rec.dev, rec.path, rec.spec, rec.booked_bytes,
                                       rec.compute_bytes):
         if group is None:
             group = SeatGroup(core.next_gid(), rec.path, rec.spec, 0, rec.booked_bytes,
-                              rec.compute_bytes)
+                              rec.compute_bytes, dev=rec.dev)
         changes = dict(extra or {})
         changes[group.key] = group.booking(capacity, len(group.members) + 1)
         changes[f"agent:{rec.name}"] = group.seat_bytes
-        denial = core.ledger.try_apply(changes)
+        denial = _ledger(core, rec.dev).try_apply(changes)
         if denial is None:
             core.groups[group.gid] = group
             group.capacity = capacity
@@ -129,72 +135,77 @@ def leave(core, rec, shrink=None):
     Returns the bytes the ledger released."""
     group = core.groups.get(rec.gid)
     rec.gid, rec.live = None, False
-    before = core.ledger.allocated_bytes
-    core.ledger.release(f"agent:{rec.name}")
+    led = _ledger(core, rec.dev)
+    before = led.allocated_bytes
+    led.release(f"agent:{rec.name}")
     if group is not None:
         group.members.discard(rec.name)
         if shrink is not None:
             group.capacity = shrink
         resize(core, group)
-    return before - core.ledger.allocated_bytes
+    return before - led.allocated_bytes
 
 
 def resize(core, group):
     """Book group:GID for its capacity and members now (drop it when it has no seats)."""
+    led = _ledger(core, group.dev)
     if group.capacity == 0:
-        core.ledger.release(group.key)
+        led.release(group.key)
         core.groups.pop(group.gid, None)
         return
     want = group.booking()
-    if core.ledger.booked(group.key) is None:
-        denial = core.ledger.try_reserve(group.key, want)
+    if led.booked(group.key) is None:
+        denial = led.try_reserve(group.key, want)
     else:
-        denial = core.ledger.try_resize(group.key, want)
+        denial = led.try_resize(group.key, want)
     if denial is not None:     # only growth can be refused, and growth is booked before
         core.log("error", f"seats: {group.key} needs {want} bytes; the cap refused it")
 
 
-def groups_of_path(core, path):
-    return [g for g in core.groups.values() if g.path == path]
+def groups_of_path(core, dev, path):
+    return [g for g in core.groups.values() if g.path == path and g.dev == dev]
 
 
-def sync(core, engine):
-    """Drop every group the worker does not report and no job in flight is building (a build
-    failed there: its members' sequences were reset)."""
+def sync(core, dev, engine):
+    """Drop every group of device dev its worker does not report and no job in flight is
+    building (a build failed there: its members' sequences were reset)."""
     if engine is None:
         return
     have = {s.group for s in engine.seats}
     coming = {op.seat["group"] for op in core.jobs.values() if op.seat}
     for group in list(core.groups.values()):
-        if group.gid not in have and group.gid not in coming:
+        if group.dev == dev and group.gid not in have and group.gid not in coming:
             drop(core, group, "the worker does not hold it")
 
 
 def drop(core, group, why):
     """The worker no longer has this group: release it and its members' seats (they are not
     live any more; their conversations were reset by the worker)."""
+    led = _ledger(core, group.dev)
     for name in list(group.members):
         rec = core.agents.get(name)
         if rec is not None:
             rec.gid, rec.live = None, False
-            core.ledger.release(f"agent:{name}")
-    core.ledger.release(group.key)
+            led.release(f"agent:{name}")
+    led.release(group.key)
     core.groups.pop(group.gid, None)
     core.log("info", f"seats: dropped {group.key} ({why})")
 
 
-def drop_all(core, why):
+def drop_all(core, dev, why):
     for group in list(core.groups.values()):
-        drop(core, group, why)
+        if group.dev == dev:
+            drop(core, group, why)
 
 
-def reconcile(core, engine):
-    """Each group the worker (re)built since its last report: its seats stay booked as
-    estimated (the KV is exact), and the rest of what it measured (compute) is booked with the
-    margin, through the ledger's check."""
+def reconcile(core, dev, engine):
+    """Each group device dev's worker (re)built since its last report: its seats stay booked
+    as estimated (the KV is exact), and the rest of what it measured (compute) is booked with
+    the margin, through the ledger's check."""
     for state in engine.seats if engine is not None else ():
         group = core.groups.get(state.group)
-        if group is None or state.builds == group.builds or state.measured is None:
+        if group is None or group.dev != dev or state.builds == group.builds or \
+                state.measured is None:
             continue
         group.builds = state.builds
         if state.seats != group.capacity:
@@ -204,7 +215,7 @@ def reconcile(core, engine):
                               core.config.measure_margin_percent)
         old = group.compute_bytes
         group.compute_bytes = compute
-        if core.ledger.try_resize(group.key, group.booking()) is not None:
+        if _ledger(core, dev).try_resize(group.key, group.booking()) is not None:
             group.compute_bytes = old
             core.log("error", f"reconcile: {group.key} measured {measured} bytes for "
                      f"{group.capacity} seats; the cap leaves no room to book it")
@@ -215,7 +226,7 @@ def reconcile(core, engine):
             rec = core.agents.get(next(iter(group.members)))
             if rec is not None:
                 rec.measured_bytes = measured
-                mrec = core.models.get(rec.path)     # for the next REGISTER's estimate
+                mrec = core.devices[dev].models.get(rec.path)  # the next REGISTER's estimate
                 core.measured.store_context(mrec.fingerprint if mrec else "",
-                                            core.worker.kind, ContextSpec(**rec.spec),
+                                            core.devices[dev].kind, ContextSpec(**rec.spec),
                                             group.seat_bytes + compute)

@@ -1,5 +1,6 @@
 """What the broker's core keeps: agents, model bookings, requests (ops) and per-agent lanes."""
 import collections
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -44,6 +45,19 @@ class BrokerConfig:
     others_margin: int = 256 << 20     # kept free below what other processes hold
     chat_templates: dict = field(default_factory=dict)   # model path -> template text
     quotas: Optional[object] = None    # common.quotas.QuotaConfig (--quotas); None: no quotas
+    workers: list = field(default_factory=list)   # one WorkerConfig per local device ([]:
+                                                  # `worker` alone, named local:0)
+    gpus: tuple = ()                              # --gpus: each spawned worker sees only its
+                                                  # own (CUDA_VISIBLE_DEVICES)
+    remote_endpoint: Optional[str] = None         # tcp:// where remote workers connect
+    curve_workers: Optional[str] = None           # folder of the remote workers' public keys
+
+    def local_workers(self):
+        """The WorkerConfig of each local device, in device order (none without spawning)."""
+        if not self.spawn_worker:
+            return []
+        return list(self.workers) or [dataclasses.replace(
+            self.worker, name=self.worker.name or "local:0")]
 
 
 @dataclass
@@ -81,6 +95,7 @@ class Agent:
     compute_bytes: int = 0              # its group's compute buffer (the estimate's split)
     gid: Optional[int] = None           # the group it has a seat in while live
     client: str = DEFAULT_CLIENT        # the quotas client that registered it (its key's)
+    dev: int = 0                        # the device whose worker holds its slot
 
 
 @dataclass
@@ -117,6 +132,7 @@ class Op:
     seat: Optional[dict] = None         # its agent's placement, sent with the job
     step: object = None                 # PARK, RESIZE: the room.Step it carries out
     slow: bool = False                  # its client reads too slowly: partials dropped
+    dev: int = 0                        # the device whose worker runs it
 
     @property
     def internal(self):
