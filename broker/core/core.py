@@ -86,9 +86,6 @@ class Core:
         """Every op waiting for room, on any device."""
         return [op for dev in self.devices for op in dev.room]
 
-    def device(self, index):
-        return self.devices[index]
-
     # -- the one entry point ----------------------------------------------------------------
 
     def handle(self, event):
