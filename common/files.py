@@ -2,6 +2,13 @@
 import os
 import tempfile
 
+import sys
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:                                   # pragma: no cover - python 3.10
+    import tomli as tomllib
+
 
 def write_atomic(path, data, durable=True):
     """Write str or bytes to path through a temp file in the same folder, fsync, rename.
@@ -21,3 +28,12 @@ def write_atomic(path, data, durable=True):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def read_toml(path, error):
+    """A TOML file's table; error(message naming the file) when it cannot be read or parsed."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise error(f"{path}: {exc}") from None

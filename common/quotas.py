@@ -21,15 +21,10 @@ import dataclasses
 import hashlib
 import os
 import re
-import sys
 from typing import Optional
 
 from lmx.common.config import parse_size
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:                                   # pragma: no cover - python 3.10
-    import tomli as tomllib
+from lmx.common.files import read_toml
 
 QUOTAS = ("max_agents", "max_booked_bytes", "max_n_ctx", "tokens_per_minute")
 DEFAULT_CLIENT = "default"              # the client of requests that carry no key
@@ -112,12 +107,7 @@ class QuotaConfig:
 
 def load(path):
     """Read a quotas file; QuotaFileError naming the file and the field on anything wrong."""
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise QuotaFileError(f"{path}: {exc}") from None
-    return from_dict(data, str(path))
+    return from_dict(read_toml(path, QuotaFileError), str(path))
 
 
 def from_dict(data, where="quotas"):

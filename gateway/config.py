@@ -22,13 +22,8 @@ with its models, and forwards it to the broker so that client's quota applies.
 """
 import dataclasses
 import ipaddress
-import sys
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:                                   # pragma: no cover - python 3.10
-    import tomli as tomllib
-
+from lmx.common.files import read_toml
 from lmx.common.quotas import digest, secret
 
 REGISTER_PARAMS = ("n_ctx", "flash_attn", "type_k", "type_v", "swa_full")
@@ -87,12 +82,7 @@ def load(path):
     """Read a TOML file into a GatewayConfig; ConfigError naming the bad entry."""
     if path is None:
         return GatewayConfig()
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    return from_dict(data, str(path))
+    return from_dict(read_toml(path, ConfigError), str(path))
 
 
 def from_dict(data, where="config"):

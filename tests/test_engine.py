@@ -442,20 +442,30 @@ def test_a_resize_carries_every_member_and_parking_never_rebuilds(smol_path):
         eng.close()
 
 
+SMALL_BATCH = dict(n_ctx=256, n_batch=32, n_ubatch=32)
+LONG = "The quick brown fox jumps over the lazy dog, and then it runs far away into the wood"
+
+
+def _small_batch_group(smol_path, agents, capacity):
+    """An engine with agents a0.. seated in one group of `capacity` seats and a solo "twin",
+    all with n_batch 32 (so prompts need several chunks)."""
+    from lmx.worker.engine import Engine
+    eng = Engine(2, gpu=False, pinned=False)
+    for i in range(agents):
+        eng.register(f"a{i}", smol_path, ContextSpec(**SMALL_BATCH),
+                     seat={"group": 3, "capacity": capacity})
+    eng.register("twin", smol_path, ContextSpec(**SMALL_BATCH))
+    return eng
+
+
 def test_fillers_never_push_a_batch_past_n_batch(smol_path):
     """Two long prompts at the far ends of a group of 8 seats with n_batch 32: the seats between
     them need fillers (a batch must be contiguous in seats), and the prompt chunks leave room
     for them, so no llama_decode gets more than n_batch tokens (llama.cpp aborts the process on
     that); both continue exactly as a solo twin."""
-    from lmx.worker.engine import Engine
-    eng = Engine(2, gpu=False, pinned=False)
-    spec = dict(n_ctx=256, n_batch=32, n_ubatch=32)
-    long = "The quick brown fox jumps over the lazy dog, and then it runs far away into the wood"
+    eng = _small_batch_group(smol_path, 8, 8)
+    long = LONG
     try:
-        for i in range(8):
-            eng.register(f"a{i}", smol_path, ContextSpec(**spec), seat={"group": 3,
-                                                                       "capacity": 8})
-        eng.register("twin", smol_path, ContextSpec(**spec))
         assert len(eng.slots["a0"].model.tokenize(long, True)) > 16
         assert (eng.slots["a0"].seq, eng.slots["a7"].seq) == (0, 7)
         both = eng.run_all([eng.start("a7", long, 6), eng.start("a0", long, 6)])
@@ -470,15 +480,9 @@ def test_a_newcomer_between_running_seats_continues_exactly(smol_path):
     prompt: its prompt goes in chunks while the others' rows step around it (fillers for seat
     1 in the rows' batch, for seats between in the prompts' batch), and all three continue
     exactly as solo twins."""
-    from lmx.worker.engine import Engine
-    eng = Engine(2, gpu=False, pinned=False)
-    spec = dict(n_ctx=256, n_batch=32, n_ubatch=32)
-    long = "The quick brown fox jumps over the lazy dog, and then it runs far away into the wood"
+    eng = _small_batch_group(smol_path, 3, 4)
+    spec, long = SMALL_BATCH, LONG
     try:
-        for i in range(3):
-            eng.register(f"a{i}", smol_path, ContextSpec(**spec), seat={"group": 5,
-                                                                       "capacity": 4})
-        eng.register("twin", smol_path, ContextSpec(**spec))
         eng.run_all([eng.start(f"a{i}", PROMPTS[3], 2) for i in range(3)])   # a history each
         first = [eng.start("a0", PROMPTS[0], 12), eng.start("a2", PROMPTS[1], 12)]
         eng.prepare(first)
