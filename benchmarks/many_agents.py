@@ -217,7 +217,7 @@ def run_lmx(model, ns, n_ctx, n_predict, card, cpu, procs, max_batch):
 @click.option("--n-predict", default=64, show_default=True)
 @click.option("--card", default="8GiB", show_default=True, help="The emulated card's bytes.")
 @click.option("--procs", default=4, show_default=True, help="Client processes.")
-@click.option("--max-batch", default=64, show_default=True)
+@click.option("--max-batch", default=256, show_default=True)
 @click.option("--cpu", is_flag=True)
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False))
 def main(model, ns, raw_max, n_ctx, n_predict, card, procs, max_batch, cpu, out_dir):

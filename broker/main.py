@@ -137,7 +137,7 @@ def _private_worker_endpoint():
               "used first, when another must run); 0: as many as the ledger allows.")
 @click.option("--admit-by-parking", is_flag=True, help="A REGISTER that does not fit parks "
               "idle agents (least recently used first) to make room, instead of being refused.")
-@click.option("--max-batch", default=64, show_default=True, type=click.IntRange(1, 256),
+@click.option("--max-batch", default=256, show_default=True, type=click.IntRange(1, 256),
               help="Most seats of a group context: agents of one model and context spec live "
               "in it and decode in one llama_decode batch (256 is llama.cpp's sequence limit).")
 @click.option("--park-ram", callback=_size, default="4GiB", show_default=True,

@@ -97,7 +97,7 @@ class WorkerConfig:
     simulate_others: Optional[str] = None  # CPU only: file with the bytes "other processes" hold
     heartbeat_s: float = DEFAULT_HEARTBEAT_S
     liveness: int = DEFAULT_LIVENESS      # silent intervals before the broker is declared gone
-    max_batch: int = 64                   # seats per group context (one llama_decode batch)
+    max_batch: int = 256                  # seats per group context (one llama_decode batch)
     quantum: int = 4                      # batched steps a group runs per turn
     park_dir: Optional[str] = None        # parked state files (None: host memory only)
     log_level: str = "INFO"

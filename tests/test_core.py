@@ -406,3 +406,46 @@ def test_parked_agents_are_swapped_in_together_and_live_runs_pass_their_parks():
     assert [h.final(i)["status"] for i in runs + [live]] == ["ok"] * 4
     assert sorted(n for n, a in h.core.agents.items() if a.live) == ["a", "b", "c", "f"]
     assert all(alloc <= cap for alloc, cap in h.ledger_trace)
+
+
+def test_a_parked_agents_run_that_finds_every_seat_being_swapped_waits_for_room():
+    """Four seats, all live agents idle; four parked agents' DECODEs take over all four seats
+    (PARKs in flight, nothing decoding yet). A fifth parked agent's DECODE finds no idle agent
+    to park: room comes when those runs end, so it waits and is served, not refused with
+    VRAM_LEDGER_DENY (100 agents' first round on the GPU was refused this way)."""
+    probe = Harness(admit_by_parking=True)
+    for name in "defg":
+        probe.send("REGISTER", agent=name, model="small")
+        probe.run_jobs()
+    h = Harness(total=probe.core.ledger.allocated_bytes, admit_by_parking=True)
+    for name in "abchidefg":                # d, e, f, g park a, b, c, h, i on the way in
+        h.send("REGISTER", agent=name, model="small")
+        h.run_jobs()
+    assert sorted(n for n, a in h.core.agents.items() if a.live) == ["d", "e", "f", "g"]
+    runs = [h.send("DECODE", agent=name, prompt="x", n_predict=2) for name in "abch"]
+    assert sorted(j.fields["agent"] for j in h.jobs("PARK")) == ["d", "e", "f", "g"]
+    late = h.send("DECODE", agent="i", prompt="x", n_predict=2)
+    assert h.final(late) is None                        # waiting, not answered
+    h.run_jobs()
+    assert [h.final(i)["status"] for i in runs + [late]] == ["ok"] * 5
+    assert all(alloc <= cap for alloc, cap in h.ledger_trace)
+
+
+def test_an_overhead_the_cap_cannot_hold_is_logged_once_not_at_every_reading():
+    """A CUDA worker's measured overhead does not fit (the seats filled the cap): the refusal
+    is logged once, not at every job's reading (100 agents logged it hundreds of times)."""
+    h = Harness()
+    h.feed(WorkerReady(1, DeviceReading("cuda", "nvml", "gpu", 1000 * MiB), h.now))
+    logged = []
+    log = h.core.log
+    h.core.log = lambda level, text: (logged.append(text), log(level, text))
+    for name in ("a", "b", "c"):
+        h.send("REGISTER", agent=name, model="small")
+        job = h.worker.pending.pop(0)
+        result = h.worker.answer(job)
+        result.engine.known_device_bytes = 10 * MiB
+        result.engine.process_bytes = 10 * MiB + 2000 * MiB      # more than the card
+        h.feed(__import__("lmx.broker.core.events", fromlist=["WorkerResult"])
+               .WorkerResult(job.job_id, result, h.now, h.now))
+    refusals = [t for t in logged if "worker:overhead needs" in t]
+    assert len(refusals) == 1, logged

@@ -43,7 +43,7 @@ class Engine(ChatMixin, DecodeMixin, ParkMixin, SeatMixin):
     """Models, agents' slots, and the groups of live agents of this worker."""
 
     def __init__(self, n_threads, gpu, pinned, process_bytes=None, park_dir=None,
-                 max_batch=64):
+                 max_batch=256):
         self.process_bytes = process_bytes or (lambda: None)   # NVML reading of this process
         self.park_dir = park_dir          # parked state files, and copies for restarts
         if park_dir:

@@ -20,12 +20,15 @@ import llama_cpp  # noqa: I001  -- before numpy (CUDA load order), as everywhere
 
 import ctypes
 import itertools
+import logging
+import time
 
 from lmx.common.ctxspec import KV_TYPES
 from lmx.common.errors import Code, LmxError, Reason
 from lmx.common.jobs import Measured
 from lmx.worker.model import device_bytes, nvml_delta, trim_heap
 
+log = logging.getLogger("lmx.worker")
 FLASH_ATTN = {True: 1, False: 0}     # LLAMA_FLASH_ATTN_TYPE_ENABLED / _DISABLED
 MAX_SEATS = 256                      # llama.cpp's LLAMA_MAX_SEQ
 
@@ -191,6 +194,7 @@ class SeatMixin:
         sequences are lost and the group is gone."""
         self.llama_log.reset()
         before = self.process_bytes()
+        t0 = time.perf_counter()
         ctx = llama_cpp.llama_init_from_model(group.model.ptr, self._ctx_params(
             group.spec, len(seats)))
         if not ctx:
@@ -210,6 +214,8 @@ class SeatMixin:
         group.buffers = self.llama_log.buffers()
         group.measured = Measured(device_bytes(group.buffers, self.gpu),
                                   nvml_delta(before, self.process_bytes()), group.buffers)
+        log.info("worker: built group %d (%d seats) in %.0f ms", group.gid, len(seats),
+                 (time.perf_counter() - t0) * 1000)
 
     def reclaim(self, gid, capacity):
         """RESIZE: shrink (or free, capacity 0) a group the broker needs the bytes of."""

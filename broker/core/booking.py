@@ -246,17 +246,20 @@ def reconcile_overhead(core, dev):
         return
     want = with_margin(max(process - known, 0), core.config.measure_margin_percent)
     current = dev.ledger.booked("worker:overhead") or 0
-    if want > current or not dev.overhead_measured:
+    if (want > current or not dev.overhead_measured) and want != dev.overhead_refused:
         core.log("info", f"reconcile: worker:overhead booked={want} measured={process - known} "
                  f"(process {process} - buffers {known}) device={dev.index}")
-        book_fixed(core, dev.ledger, "worker:overhead", want)
+        refused = book_fixed(core, dev.ledger, "worker:overhead", want)
         dev.overhead_measured = True
+        dev.overhead_refused = want if refused else None    # said once, not at every reading
 
 
 def book_fixed(core, led, key, nbytes):
-    """Book (or resize) a fixed cost through ledger led's check; log when it does not fit."""
+    """Book (or resize) a fixed cost through ledger led's check; log when it does not fit (and
+    return the Denial)."""
     denial = (led.try_reserve(key, nbytes) if led.booked(key) is None
               else led.try_resize(key, nbytes))
     if denial is not None:
         core.log("error", f"admission: {key} needs {nbytes} bytes but the cap leaves "
                  f"{denial.ledger_max_bytes - denial.ledger_allocated_bytes}; not booked")
+    return denial

@@ -40,6 +40,7 @@ class DeviceView:
         self.backoff = 1.0
         self.replayed = False             # the journal's agents of this device were replayed
         self.overhead_measured = False
+        self.overhead_refused = None      # the overhead the cap last refused (logged once)
         self.builds_before = 0            # context builds of this device's earlier workers
 
     @property

@@ -223,9 +223,12 @@ def _launch(core, op):
 
 
 def _room_may_come(core, dev):
-    """True while a job runs on dev whose end can leave an agent idle or free bytes."""
+    """True while a job runs on dev whose end can leave an agent idle or free bytes, or an op
+    ahead in the room queue has its PARKs under way (its run or REGISTER follows and leaves an
+    idle agent: every seat may be being swapped at once, with nothing decoding yet)."""
     return any(o.verb in ("DECODE", "CHAT", "REGISTER", "UNREGISTER", "RESTORE", "RESIZE")
-               and o.dev == dev.index for o in core.jobs.values())
+               and o.dev == dev.index for o in core.jobs.values()) or \
+        any(op.victims for op in dev.room)
 
 
 def _no_room(core, op):
