@@ -4,6 +4,7 @@ import pytest
 from lmx.common.ctxspec import ContextSpec
 from lmx.common.errors import Code, LmxError, Reason
 from lmx.common.jobs import DecodeResult, ParkResult, UnregisterResult
+from lmx.worker import parkdisk
 from ggufs import write_unknown_arch
 
 BIG = 1 << 40       # a ram_bytes any parked state fits
@@ -114,12 +115,14 @@ def test_batched_agents_match_solo_and_park_to_ram_or_disk(smol_path, tmp_path):
         where = [eng.park("a1", BIG, True).parked, eng.park("a2", 0, True).parked,
                  eng.park("a3", 0, True).parked]
         assert where == ["ram", "disk", "disk"]
+        parkdisk.flush()                               # a RAM park's copy follows the PARK
         assert (tmp_path / "a1.state").exists()       # a RAM park keeps a copy for restarts
         assert (tmp_path / "a3.state").exists()
         assert eng.parked_ram == eng.slots["a1"].parked_bytes > 0
         assert [_parked_in(eng)[a] for a in agents] == [None] + where
         second = _run_together(eng, agents, [" and then"] * 4, 8)
         assert [second[a].kv_swap_restored for a in agents] == [False, True, True, True]
+        parkdisk.flush()
         assert eng.parked_ram == 0 and not list(tmp_path.glob("a*.state"))
         for agent, prompt in zip(agents, PROMPTS):
             eng.unregister("ref")
@@ -166,6 +169,7 @@ def test_park_follows_the_jobs_policy(smol_path, tmp_path):
         assert (info.value.code, info.value.reason) == (Code.LIMIT, Reason.PARK_BUDGET)
         assert info.value.details["ram_bytes"] == 0 and info.value.details["needed"] > 0
         assert eng.slot_state("a") == before and before.live and before.parked is None
+        parkdisk.flush()
         assert eng.parked_ram == 0 and not list(tmp_path.glob("a.*"))
         out.append(eng.decode("a", " and then", 6))
         assert not out[-1].kv_swap_restored                  # never left its context
@@ -176,6 +180,7 @@ def test_park_follows_the_jobs_policy(smol_path, tmp_path):
         assert out[-1].kv_swap_restored
         assert eng.park("a", BIG, False).parked == "ram"
         assert eng.parked_ram == eng.slot_state("a").parked_bytes > 0
+        parkdisk.flush()
         assert not (tmp_path / "a.state").exists()           # disk=False: no copy
         out.append(eng.decode("a", " then", 6))
         assert out[-1].kv_swap_restored
@@ -504,3 +509,20 @@ def test_a_newcomer_between_running_seats_continues_exactly(smol_path):
             assert done[agent].tokens == solo.tokens, agent
     finally:
         eng.close()
+
+
+def test_parked_files_are_written_behind_in_order_and_reads_wait_for_them(tmp_path):
+    """A copy queued while the writer is busy does not hold up its caller; removals and
+    rewrites apply in the order asked, and a read sees the last of them."""
+    import threading
+    folder, gate = str(tmp_path), threading.Event()
+    key = {"model": "m", "spec": {}}
+    parkdisk._queue(folder, lambda *_: gate.wait(30))      # the writer is busy
+    parkdisk.save(folder, "a", b"first", dict(key, n=1))
+    parkdisk.remove(folder, "a")
+    parkdisk.save(folder, "a", b"second", dict(key, n=2))
+    assert not (tmp_path / "a.state").exists()             # queued, the caller went on
+    gate.set()
+    assert parkdisk.load(folder, "a", key) == (b"second", dict(key, n=2))
+    parkdisk.remove(folder, "a")
+    assert parkdisk.load(folder, "a", key) is None

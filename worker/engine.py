@@ -223,7 +223,9 @@ class Engine(ChatMixin, DecodeMixin, ParkMixin, SeatMixin):
                          decodes=s.decodes, generated=s.generated)
 
     def close(self):
-        """Free every context, parked buffer and model."""
+        """Free every context, parked buffer and model (parked files written first)."""
+        if self.park_dir:
+            parkdisk.flush(self.park_dir)
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None

@@ -8,10 +8,19 @@ or broker loses nothing (the page cache holds the files), a power cut can; an fs
 gigabyte of KV state on every swap would cost more than the swap. A state is valid only for the
 same model file and spec. Files go when the agent is unregistered or its state is restored into
 a live context (from then on the conversation lives only in that context).
+
+Writes and removals run in order on one background thread (a PARK whose state stays in host
+memory answers before its copy is on disk: at a swap of 20 agents the copies cost 6 ms each
+on the GPU machine, 130 ms in the batch's way). Every read waits for what was queued before
+it, so a read never sees a stale file; a state that goes only to disk is written before the
+PARK answers. A worker killed within the milliseconds a copy takes loses that copy (and the
+agent's conversation, as it would if it were killed before parking).
 """
 import json
 import logging
 import os
+import queue
+import threading
 
 from lmx.common.files import write_atomic
 
@@ -22,8 +31,50 @@ def _paths(folder, agent):
     return os.path.join(folder, f"{agent}.state"), os.path.join(folder, f"{agent}.json")
 
 
-def save(folder, agent, raw, meta):
-    """Write the state bytes, then the metadata that makes them valid."""
+class _Writer:
+    """One thread doing a folder's writes and removals in the order they were asked."""
+
+    def __init__(self):
+        self.tasks = queue.Queue()
+        threading.Thread(target=self._run, name="lmx-parkdisk", daemon=True).start()
+
+    def _run(self):
+        while True:
+            fn, args = self.tasks.get()
+            try:
+                fn(*args)
+            except OSError as exc:
+                log.error("worker: parked state file %s failed: %s", args[1], exc)
+            finally:
+                self.tasks.task_done()
+
+
+_writers = {}
+_lock = threading.Lock()
+
+
+def _queue(folder, fn, *args):
+    with _lock:
+        writer = _writers.get(folder) or _writers.setdefault(folder, _Writer())
+    writer.tasks.put((fn, (folder, *args)))
+
+
+def flush(folder=None):
+    """Wait until every queued write and removal (of folder, or of all) is done."""
+    for key, writer in list(_writers.items()):
+        if folder is None or key == folder:
+            writer.tasks.join()
+
+
+def save(folder, agent, raw, meta, wait=False):
+    """Queue the state bytes' write, then the metadata that makes them valid (wait: return
+    when they are written)."""
+    _queue(folder, _save, agent, raw, meta)
+    if wait:
+        flush(folder)
+
+
+def _save(folder, agent, raw, meta):
     state, info = _paths(folder, agent)
     write_atomic(state, raw, durable=False)      # survives process crashes, not power loss
     write_atomic(info, json.dumps(meta), durable=False)
@@ -31,6 +82,7 @@ def save(folder, agent, raw, meta):
 
 def load(folder, agent, expect):
     """(bytes, meta) if a state for this agent matches `expect` (model, size, spec), else None."""
+    flush(folder)
     state, info = _paths(folder, agent)
     try:
         with open(info) as fh:
@@ -46,7 +98,11 @@ def load(folder, agent, expect):
 
 
 def remove(folder, agent):
-    """Forget an agent's parked state on disk."""
+    """Forget an agent's parked state on disk (queued after its writes)."""
+    _queue(folder, _remove, agent)
+
+
+def _remove(folder, agent):
     for path in _paths(folder, agent):
         try:
             os.unlink(path)

@@ -79,7 +79,7 @@ class ParkMixin:
             meta = dict(self._disk_key(slot), n_past=slot.n_past, pending=slot.pending,
                         tokens=slot.tokens)
             parkdisk.save(self.park_dir, slot.agent, ctypes.string_at(buf.data, buf.nbytes),
-                          meta)
+                          meta, wait=not in_ram)    # only a copy when in RAM: it may follow
         slot.parked_bytes = buf.nbytes
         if in_ram:
             slot.parked = buf
