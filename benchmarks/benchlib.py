@@ -48,12 +48,18 @@ def nvml_handle(index=0):
         return None
 
 
-def start_ballast(handle, leave_free):
+def start_ballast(handle, leave_free, gpu=None):
     """A process holding device memory so that only `leave_free` bytes stay free (its own CUDA
-    context is created before the free memory is read, so it is not counted in the card)."""
+    context is created before the free memory is read, so it is not counted in the card).
+
+    gpu: the NVML index of `handle`'s GPU on a host of several; the ballast then sees only that
+    GPU (CUDA_VISIBLE_DEVICES, in PCI order as NVML counts), else CUDA's first GPU gets it."""
     import pynvml
+    env = None
+    if gpu is not None:
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), CUDA_DEVICE_ORDER="PCI_BUS_ID")
     proc = subprocess.Popen([sys.executable, "-c", BALLAST], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True, env=env)
     if proc.stdout.readline().strip() != "INIT":
         raise RuntimeError("ballast could not initialise CUDA")
     free = pynvml.nvmlDeviceGetMemoryInfo(handle).free
@@ -157,6 +163,11 @@ def median(values):
 def dump(obj, path):
     with open(path, "w") as fh:
         json.dump(obj, fh, indent=1, default=str)
+
+
+def load(path):
+    with open(path) as fh:
+        return json.load(fh)
 
 
 def cudart():

@@ -37,7 +37,10 @@ class WorkerProcess:
         cmd = [sys.executable, "-m", "lmx.worker.main", *self.config.argv()]
         env = None
         if self.gpu is not None:
-            env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(self.gpu))
+            # NVML counts GPUs in PCI bus order, CUDA fastest first unless told otherwise: in
+            # PCI order CUDA_VISIBLE_DEVICES=N is the card the worker reads as NVML index N.
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(self.gpu),
+                       CUDA_DEVICE_ORDER="PCI_BUS_ID")
         log.info("worker: spawning %s -m lmx.worker.main --config ... (%s%s)", sys.executable,
                  self.config.name, "" if self.gpu is None else f", CUDA_VISIBLE_DEVICES="
                  f"{self.gpu}")

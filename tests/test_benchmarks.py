@@ -134,3 +134,41 @@ def test_seat_bytes_tiny(tiny):
     assert out["states_equal_byte_for_byte"] == "2 of 2"
     assert out["restored_into_another_seat"] == "2 of 2"
     assert out["context_builds_during_parking"] == 0
+
+
+def test_devices_x2_tiny(tiny, tmp_path, smol_path):
+    """Two declared CPU devices, four models: placement uses both, the pin holds, the too-big
+    agent is refused per device; the killed worker's agents and only they get WORKER_LOST, the
+    other device's agents finish, and the killed device comes back and serves again."""
+    fourth = str(write_shaped(tmp_path / "m3.gguf", smol_path, n_layer=2, n_embd=80, n_head=4,
+                              n_head_kv=2, n_ff=160, seed=3))
+    out = tmp_path / "dev"
+    text = run("devices_x2.py", "--cpu", "--card", "256MiB",
+               *sum((["--models", m] for m in [*tiny, fourth]), []), "--n-ctx", "2048",
+               "--agents-per-model", "1", "--tokens", "1500", "--out", str(out))
+    r = json.loads((out / "results.json").read_text())
+    dec = r["decode"]
+    where = dec["placement"]
+    assert set(where.values()) == {0, 1}
+    pinned = [x for x in r["register"] if x["pinned"] is not None]
+    assert [where[x["agent"]] for x in pinned] == [1]
+    big = r["register"][-1]
+    assert (big["code"], [d["device"] for d in big["devices"]]) == ("VRAM_LEDGER_DENY", [0, 1])
+    killed = dec["kill"]["device"]
+    on_killed = sorted(a for a, d in where.items() if d == killed)
+    failed = sorted(a for a, x in dec["agents"].items() if x["status"] != "ok")
+    assert on_killed and failed == on_killed
+    assert {dec["agents"][a]["code"] for a in failed} == {"WORKER_LOST"}
+    others = [x for x in dec["agents"].values() if x["device"] != killed]
+    assert others and all(x["stopped_by"] is None and x["generated_tokens"] > 0 and
+                          x["tokens_after_kill"] > 0 for x in others)
+    back = dec["respawn"]
+    assert back["respawned_pid"] != dec["kill"]["pid"] and back["states"][-1][1] == "ready"
+    assert back["after_loss"]["seats"] == [] and back["after_loss"]["models"]
+    rec = r["recover"]
+    assert sorted(rec["agents"]) == on_killed
+    assert all(x["status"] == "ok" and x["device"] == killed and x["context_reset"]
+               for x in rec["agents"].values())
+    assert rec["fresh"]["device"] == killed and rec["fresh"]["decode"]["status"] == "ok"
+    assert all(r["verdicts"].values()) and (out / "devices.png").stat().st_size > 10_000
+    assert "yes: WORKER_LOST for exactly the killed device's agents" in text

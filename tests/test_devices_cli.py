@@ -30,6 +30,7 @@ def test_gpus_all_counts_with_nvml_and_each_worker_sees_only_its_gpu(monkeypatch
     monkeypatch.setattr(workers.subprocess, "Popen", popen)
     workers.WorkerProcess(config.workers[2], gpu=2).spawn()
     assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "2"       # llama.cpp sees its GPU only
+    assert seen["env"]["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # numbered as NVML numbers them
     sent = json.loads(seen["cmd"][seen["cmd"].index("--config") + 1])
     assert (sent["gpu_index"], sent["name"]) == (2, "local:2")   # NVML reads the same card
 
