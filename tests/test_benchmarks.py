@@ -172,3 +172,16 @@ def test_devices_x2_tiny(tiny, tmp_path, smol_path):
     assert rec["fresh"]["device"] == killed and rec["fresh"]["decode"]["status"] == "ok"
     assert all(r["verdicts"].values()) and (out / "devices.png").stat().st_size > 10_000
     assert "yes: WORKER_LOST for exactly the killed device's agents" in text
+
+
+def test_cold_start_tiny(tiny, tmp_path):
+    """Both sides timed in every pair, the REGISTER split into the worker's load and build."""
+    out = tmp_path / "cold"
+    text = run("cold_start.py", "--cpu", "--model", tiny[0], "--pairs", "1", "--out", str(out))
+    r = json.loads((out / "cold_start.json").read_text())
+    (row,) = r["rows"]
+    assert 0 < row["raw"]["load_s"] <= row["raw"]["cold_s"]
+    assert 0 < row["lmx"]["load_s"] + row["lmx"]["build_s"] < row["lmx"]["register_s"] \
+        < row["lmx"]["cold_s"]
+    assert r["ratio"] == pytest.approx(row["lmx"]["cold_s"] / row["raw"]["cold_s"])
+    assert "cold start lmx / raw" in text
