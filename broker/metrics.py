@@ -234,7 +234,6 @@ class StateCollector:
         lanes = list(dict(core.lanes).values())
         groups = list(dict(core.groups).values())
         dev = core.worker.device
-        engine = core.worker.engine
         waiting = sum(len(lane.queue) for lane in lanes) + sum(
             1 for op in list(core.room) if not op.internal)
         live = sum(1 for a in agents if a.live)

@@ -141,7 +141,6 @@ def _finish(core, mop, rec, model_freed):
 
 def _leave(core, index, path, name):
     """The agent's model reference on device index is gone (its last: the weights too)."""
-    from lmx.broker.core import booking  # noqa: F401  (import cycle)
     dev = core.devices[index]
     mrec = dev.models.get(path)
     if mrec is None:
