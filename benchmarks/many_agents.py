@@ -12,15 +12,17 @@ process holds the rest of the GPU; on CPU the size is declared), --admit-by-park
 registered on the model, and N streaming clients (a socket each, in --procs client processes
 of one polling thread each, so the clients' own Python does not throttle the measurement)
 each decoding --n-predict tokens at once. A
-4-token warm-up round seats the agents first; the timed round is the steady state. Printed per
-N: aggregate tok/s, the ratio to the raw loop at the same N (and, past the raw loop's largest
-N, to its figure there), TTFT p50/p99, parks and restores during the round, and the context
-builds during the round (parking never rebuilds: it swaps seats).
+4-token warm-up round seats the agents first; the timed rounds (--repeats, both sides; the
+median is reported, since one round swings by 10 % on a shared machine) are the steady state.
+Printed per N: aggregate tok/s, the ratio to the raw loop at the same N (and, past the raw
+loop's largest N, to its figure there), TTFT p50/p99, parks and restores during the round, and
+the context builds during the timed rounds (parking never rebuilds: it swaps seats).
 """
 import llama_cpp  # noqa: I001  -- before numpy (the CUDA load order)
 
 import multiprocessing as mp
 import os
+import statistics
 import tempfile
 import time
 
@@ -39,8 +41,9 @@ def _quiet(level, text, user_data):
     """llama.cpp's log, dropped (the worker keeps its own)."""
 
 
-def raw_loop(model_path, ns, n_ctx, n_predict, gpu, threads):
-    """{N: tok/s} of the raw loop (the model loaded once, a context per N)."""
+def raw_loop(model_path, ns, n_ctx, n_predict, gpu, threads, repeats=1):
+    """{N: tok/s} of the raw loop (the model loaded once, a context per round; the median of
+    `repeats` rounds)."""
     llama_cpp.llama_log_set(_quiet, None)
     llama_cpp.llama_backend_init()
     mp_ = llama_cpp.llama_model_default_params()
@@ -51,7 +54,8 @@ def raw_loop(model_path, ns, n_ctx, n_predict, gpu, threads):
     out = {}
     try:
         for n in ns:
-            out[n] = _raw_round(model, vocab, n_vocab, n, n_ctx, n_predict, threads)
+            out[n] = statistics.median(_raw_round(model, vocab, n_vocab, n, n_ctx, n_predict,
+                                                  threads) for _ in range(repeats))
     finally:
         llama_cpp.llama_model_free(model)
     return out
@@ -171,7 +175,7 @@ def summarize(rows):
                 restores=sum(r["restored"] for r in rows), parks=sum(r["parked"] for r in rows))
 
 
-def run_lmx(model, ns, n_ctx, n_predict, card, cpu, procs, max_batch):
+def run_lmx(model, ns, n_ctx, n_predict, card, cpu, procs, max_batch, repeats=1):
     """{N: row} through a broker on an emulated card of `card` bytes."""
     ballast = None
     handle = None if cpu else benchlib.nvml_handle()
@@ -193,10 +197,12 @@ def run_lmx(model, ns, n_ctx, n_predict, card, cpu, procs, max_batch):
                 agents = [f"a{i}" for i in range(n)]
                 lmx_round(endpoint, agents, 4, procs)          # seat them (the warm-up)
                 before = c.request("STATUS")["context_builds"]
-                row = summarize(lmx_round(endpoint, agents, n_predict, procs))
+                rounds = [summarize(lmx_round(endpoint, agents, n_predict, procs))
+                          for _ in range(repeats)]
                 status = c.request("STATUS")
+                row = dict(sorted(rounds, key=lambda r: r["tok_s"])[len(rounds) // 2])  # median
                 row.update(n=n, context_builds=status["context_builds"] - before,
-                           live=len(status["live_agents"]),
+                           live=len(status["live_agents"]), rounds=rounds,
                            groups=[(g["seats"], g["seats_used"]) for g in status["groups"]])
                 out[n] = row
     finally:
@@ -218,19 +224,22 @@ def run_lmx(model, ns, n_ctx, n_predict, card, cpu, procs, max_batch):
 @click.option("--card", default="8GiB", show_default=True, help="The emulated card's bytes.")
 @click.option("--procs", default=4, show_default=True, help="Client processes.")
 @click.option("--max-batch", default=256, show_default=True)
+@click.option("--repeats", default=3, show_default=True,
+              help="Timed rounds per N, both sides; the median round is reported.")
 @click.option("--cpu", is_flag=True)
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False))
-def main(model, ns, raw_max, n_ctx, n_predict, card, procs, max_batch, cpu, out_dir):
+def main(model, ns, raw_max, n_ctx, n_predict, card, procs, max_batch, repeats, cpu, out_dir):
     """Print the table; write many_agents.json and .md under --out."""
     from lmx.common.config import parse_size
     card = parse_size(card)
     threads = len(os.sched_getaffinity(0))
-    raw = raw_loop(model, [n for n in ns if n <= raw_max], n_ctx, n_predict, not cpu, threads)
-    rows = run_lmx(model, ns, n_ctx, n_predict, card, cpu, procs, max_batch)
+    raw = raw_loop(model, [n for n in ns if n <= raw_max], n_ctx, n_predict, not cpu, threads,
+                   repeats)
+    rows = run_lmx(model, ns, n_ctx, n_predict, card, cpu, procs, max_batch, repeats)
     top = max(raw)
     lines = [f"{'CPU' if cpu else 'GPU'}, model {os.path.basename(model)}, n_ctx {n_ctx}, "
              f"{n_predict} tokens per agent, emulated card {card / (1 << 30):.1f} GiB, "
-             f"--max-batch {max_batch}", "",
+             f"--max-batch {max_batch}, the median of {repeats} timed rounds per N", "",
              "| N | raw tok/s | lmx tok/s | lmx / raw | TTFT p50 ms | TTFT p99 ms | live | "
              "parks | restores | context builds |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
