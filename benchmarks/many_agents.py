@@ -9,10 +9,11 @@ and one argmax over the batch's logits; tok/s = N x --n-predict / wall time.
 
 lmx: a broker (its worker on the GPU, or --cpu) on an emulated card of --card bytes (a ballast
 process holds the rest of the GPU; on CPU the size is declared), --admit-by-parking, N agents
-registered on the model, and N streaming clients (a socket each, in --procs client processes
-of one polling thread each, so the clients' own Python does not throttle the measurement)
-each decoding --n-predict tokens at once. A
-4-token warm-up round seats the agents first; the timed rounds (--repeats, both sides; the
+registered on the model for the round (unregistered after it; --population P registers P and
+N of them decode: the idle ones between busy seats cost a filler token each step), and N
+streaming clients (a socket each, in --procs client processes of one polling thread each, so
+the clients' own Python does not throttle the measurement) each decoding --n-predict tokens
+at once. A 4-token warm-up round seats the agents first; the timed rounds (--repeats, both sides; the
 median is reported, since one round swings by 10 % on a shared machine) are the steady state.
 Printed per N: aggregate tok/s, the ratio to the raw loop at the same N (and, past the raw
 loop's largest N, to its figure there), TTFT p50/p99, parks and restores during the round, and
@@ -175,8 +176,10 @@ def summarize(rows):
                 restores=sum(r["restored"] for r in rows), parks=sum(r["parked"] for r in rows))
 
 
-def run_lmx(model, ns, n_ctx, n_predict, card, cpu, procs, max_batch, repeats=1):
-    """{N: row} through a broker on an emulated card of `card` bytes."""
+def run_lmx(model, ns, n_ctx, n_predict, card, cpu, procs, max_batch, repeats=1,
+            population=0):
+    """{N: row} through a broker on an emulated card of `card` bytes: per N, N agents (or
+    `population` when larger, N of them decoding) registered, measured, unregistered."""
     ballast = None
     handle = None if cpu else benchlib.nvml_handle()
     if handle is not None:
@@ -191,26 +194,33 @@ def run_lmx(model, ns, n_ctx, n_predict, card, cpu, procs, max_batch, repeats=1)
     out = {}
     try:
         with Client(endpoint, timeout=600) as c:
-            for i in range(max(ns)):
-                c.register(f"a{i}", model, n_ctx=n_ctx)
             for n in ns:
-                agents = [f"a{i}" for i in range(n)]
-                lmx_round(endpoint, agents, 4, procs)          # seat them (the warm-up)
-                before = c.request("STATUS")["context_builds"]
-                rounds = [summarize(lmx_round(endpoint, agents, n_predict, procs))
-                          for _ in range(repeats)]
-                status = c.request("STATUS")
-                row = dict(sorted(rounds, key=lambda r: r["tok_s"])[len(rounds) // 2])  # median
-                row.update(n=n, context_builds=status["context_builds"] - before,
-                           live=len(status["live_agents"]), rounds=rounds,
-                           groups=[(g["seats"], g["seats_used"]) for g in status["groups"]])
-                out[n] = row
+                names = [f"n{n}-{i}" for i in range(max(n, population))]
+                for name in names:
+                    c.register(name, model, n_ctx=n_ctx)
+                out[n] = _measure(c, endpoint, names[:n], n_predict, procs, repeats)
+                out[n]["population"] = len(names)
+                for name in names:
+                    c.unregister(name)
     finally:
         broker.terminate()
         broker.wait(60)
         if ballast is not None:
             ballast.kill()
     return out
+
+
+def _measure(c, endpoint, agents, n_predict, procs, repeats):
+    """A warm-up round that seats the agents, then the timed rounds; the median one."""
+    lmx_round(endpoint, agents, 4, procs)
+    before = c.request("STATUS")["context_builds"]
+    rounds = [summarize(lmx_round(endpoint, agents, n_predict, procs)) for _ in range(repeats)]
+    status = c.request("STATUS")
+    row = dict(sorted(rounds, key=lambda r: r["tok_s"])[len(rounds) // 2])
+    row.update(n=len(agents), context_builds=status["context_builds"] - before,
+               live=len(status["live_agents"]), rounds=rounds,
+               groups=[(g["seats"], g["seats_used"]) for g in status["groups"]])
+    return row
 
 
 @click.command()
@@ -224,22 +234,28 @@ def run_lmx(model, ns, n_ctx, n_predict, card, cpu, procs, max_batch, repeats=1)
 @click.option("--card", default="8GiB", show_default=True, help="The emulated card's bytes.")
 @click.option("--procs", default=4, show_default=True, help="Client processes.")
 @click.option("--max-batch", default=256, show_default=True)
+@click.option("--population", default=0, show_default=True,
+              help="Agents registered per round when more than N (N of them decode): idle "
+              "agents between busy ones in a group cost a filler token a step.")
 @click.option("--repeats", default=3, show_default=True,
               help="Timed rounds per N, both sides; the median round is reported.")
 @click.option("--cpu", is_flag=True)
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False))
-def main(model, ns, raw_max, n_ctx, n_predict, card, procs, max_batch, repeats, cpu, out_dir):
+def main(model, ns, raw_max, n_ctx, n_predict, card, procs, max_batch, population, repeats,
+         cpu, out_dir):
     """Print the table; write many_agents.json and .md under --out."""
     from lmx.common.config import parse_size
     card = parse_size(card)
     threads = len(os.sched_getaffinity(0))
     raw = raw_loop(model, [n for n in ns if n <= raw_max], n_ctx, n_predict, not cpu, threads,
                    repeats)
-    rows = run_lmx(model, ns, n_ctx, n_predict, card, cpu, procs, max_batch, repeats)
+    rows = run_lmx(model, ns, n_ctx, n_predict, card, cpu, procs, max_batch, repeats,
+                   population)
     top = max(raw)
     lines = [f"{'CPU' if cpu else 'GPU'}, model {os.path.basename(model)}, n_ctx {n_ctx}, "
              f"{n_predict} tokens per agent, emulated card {card / (1 << 30):.1f} GiB, "
-             f"--max-batch {max_batch}, the median of {repeats} timed rounds per N", "",
+             f"--max-batch {max_batch}, the median of {repeats} timed rounds per N, "
+             f"{max(population, 0) or 'N'} agents registered per round", "",
              "| N | raw tok/s | lmx tok/s | lmx / raw | TTFT p50 ms | TTFT p99 ms | live | "
              "parks | restores | context builds |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -124,6 +124,7 @@ def test_many_agents_tiny(tiny, tmp_path):
     rows = got["rows"]
     assert set(got["raw"]) == {"2", "4"} and all(v > 0 for v in got["raw"].values())
     assert [rows[n]["tokens"] for n in ("2", "4")] == [16, 32]
+    assert [rows[n]["population"] for n in ("2", "4")] == [2, 4]      # N registered per round
     assert all(rows[n]["context_builds"] == 0 for n in rows)
     assert all(len(rows[n]["rounds"]) == 2 and rows[n]["tok_s"] in
                [r["tok_s"] for r in rows[n]["rounds"]] for n in rows)
