@@ -526,3 +526,49 @@ def test_parked_files_are_written_behind_in_order_and_reads_wait_for_them(tmp_pa
     assert parkdisk.load(folder, "a", key) == (b"second", dict(key, n=2))
     parkdisk.remove(folder, "a")
     assert parkdisk.load(folder, "a", key) is None
+
+
+def test_a_steps_tokens_are_streamed_while_the_next_step_is_computed(smol_path):
+    """With on_launch set (the scheduler sets it), a token is streamed by the next step's
+    launch (llama_decode has returned; on the GPU it is still computing), not before it; the
+    result's text and the streamed text agree once the pending tokens are out."""
+    from lmx.worker.engine import Engine
+    eng = Engine(2, gpu=False, pinned=False)
+    streamed, launches = [], []
+    eng.on_launch = lambda: (launches.append(len(streamed)), eng.emit_pending())
+    try:
+        eng.register("a", smol_path, ContextSpec(n_ctx=512))
+        run = eng.start("a", "Once upon a time", 4,
+                        on_token=lambda i, tok, text: streamed.append(text))
+        eng.prepare([run])
+        eng.step([run])                     # the prompt and the first token
+        assert streamed == [] and run.emit.first    # taken (its time noted), not streamed
+        eng.step([run])
+        assert len(streamed) == 1 and launches[-1] == 0     # streamed at the second launch
+        while run.result is None:
+            eng.step([run])
+        eng.emit_pending()
+        assert "".join(streamed) == run.result.text and len(streamed) == 4
+    finally:
+        eng.close()
+
+
+def test_freed_park_buffers_are_reused_within_the_pool_limit(monkeypatch):
+    """A freed buffer comes back for a state of about its size (no new allocation: pinned
+    ones cost milliseconds to allocate and free); a much smaller state gets a new one; past
+    POOL_BYTES freed buffers are released."""
+    from lmx.worker.device import HostBuffer
+    HostBuffer.drain()
+    monkeypatch.setattr(HostBuffer, "POOL_BYTES", 3 << 20)
+    a = HostBuffer.get(1 << 20, False)
+    a.free()
+    b = HostBuffer.get((1 << 20) - 1000, False)
+    assert b is a and b.nbytes == (1 << 20) - 1000
+    small = HostBuffer.get(1 << 10, False)
+    assert small is not a
+    big = [HostBuffer.get(2 << 20, False) for _ in range(2)]
+    for buf in big:
+        buf.free()
+    assert len(HostBuffer._pool) == 1 and HostBuffer._pooled == 2 << 20   # the second did not fit
+    HostBuffer.drain()
+    assert HostBuffer._pool == [] and HostBuffer._pooled == 0

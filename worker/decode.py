@@ -207,6 +207,8 @@ class DecodeMixin:
             self._decode_batch(group, items)
         finally:
             _unfill(group, fillers)
+        if self.on_launch is not None:
+            self.on_launch()    # llama_decode returned with the GPU at work: stream meanwhile
         rows = [item[3] for item in items if item[3] is not None]
         t1 = time.perf_counter()
         picks = self._picks(group, rows) if rows else []
@@ -295,13 +297,24 @@ class DecodeMixin:
             run.eos = True      # the end-of-turn token is not part of the reply
         else:
             run.out.append(tok)
-            run.emit(len(run.out) - 1, tok)
+            if self.on_launch is None:
+                run.emit(len(run.out) - 1, tok)
+            else:               # streamed while the GPU computes the next step
+                run.emit.mark()
+                self._emits.append((run.emit, len(run.out) - 1, tok))
             if len(run.out) < run.n_predict:
                 run.stopped_by = run.should_stop() if run.should_stop else None
                 if run.stopped_by is None:
                     return False
         self._finish(run)
         return True
+
+    def emit_pending(self):
+        """Stream the DECODE tokens taken since the last call (with on_launch set, a step's
+        tokens are streamed while the GPU computes the next one)."""
+        emits, self._emits = self._emits, []
+        for emit, index, tok in emits:
+            emit(index, tok)
 
     def _finish(self, run):
         first = run.emit.first

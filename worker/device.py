@@ -83,13 +83,40 @@ def open_device(gpu_offload, gpu_index=0, declared_total=None, default_total=8 <
 
 
 class HostBuffer:
-    """A host buffer for parked state: pinned (cudaHostAlloc) when possible, else pageable."""
+    """A host buffer for parked state: pinned (cudaHostAlloc) when possible, else pageable.
+
+    Freed buffers are kept (up to POOL_BYTES) and handed out again by get(): cudaHostAlloc and
+    cudaFreeHost pin and unpin pages and cost milliseconds, more than saving a short
+    sequence's state, and a swap of 20 agents paid them 40 times. The pool is host memory
+    outside the park budget (which counts parked states), at most POOL_BYTES."""
 
     _cudart = None
     _cudart_tried = False
+    POOL_BYTES = 256 << 20
+    _pool = []                      # freed buffers, smallest first
+    _pooled = 0
+
+    @classmethod
+    def get(cls, nbytes, pinned):
+        """A buffer of at least nbytes: a pooled one at most a quarter larger, or a new one."""
+        for i, buf in enumerate(cls._pool):
+            if buf.pinned_asked == pinned and nbytes <= buf.size <= nbytes + nbytes // 4:
+                del cls._pool[i]
+                cls._pooled -= buf.size
+                buf.nbytes = nbytes
+                return buf
+        return cls(nbytes, pinned)
+
+    @classmethod
+    def drain(cls):
+        """Really free every pooled buffer."""
+        pool, cls._pool, cls._pooled = cls._pool, [], 0
+        for buf in pool:
+            buf._release()
 
     def __init__(self, nbytes, pinned):
-        self.nbytes = nbytes
+        self.nbytes = self.size = nbytes
+        self.pinned_asked = pinned
         self.pinned = False
         self._ptr = None
         if pinned and self._load_cudart() is not None:
@@ -116,6 +143,16 @@ class HostBuffer:
         return cls._cudart
 
     def free(self):
+        """Give the buffer back: to the pool while it has room, else to the system."""
+        cls = type(self)
+        if self._ptr is not None and cls._pooled + self.size <= cls.POOL_BYTES:
+            cls._pool.append(self)
+            cls._pool.sort(key=lambda b: b.size)
+            cls._pooled += self.size
+            return
+        self._release()
+
+    def _release(self):
         """Return the memory (cudaFreeHost for pinned buffers)."""
         if self.pinned and self._ptr is not None:
             self._cudart.cudaFreeHost(self._ptr)

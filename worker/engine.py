@@ -30,6 +30,7 @@ from lmx.common.jobs import (EngineSummary, GroupState, Measured, ModelState, Re
                              SlotState, UnregisterResult)
 from lmx.worker import parkdisk
 from lmx.worker.chatrun import ChatMixin
+from lmx.worker.device import HostBuffer
 from lmx.worker.decode import DecodeMixin
 from lmx.worker.model import LoadProgress, Model, Slot, device_bytes, nvml_delta, trim_heap
 from lmx.worker.llamalog import LlamaLog
@@ -63,6 +64,8 @@ class Engine(ChatMixin, DecodeMixin, ParkMixin, SeatMixin):
         self._batch = None
         self._batch_size = 0
         self._pool = None             # threads that sample a batch's rows (decode.py)
+        self.on_launch = None         # called while the GPU computes a step (decode.py)
+        self._emits = []              # DECODE tokens whose streaming waits for on_launch
         self.llama_log = LlamaLog()
         llama_cpp.llama_backend_init()
 
@@ -244,3 +247,4 @@ class Engine(ChatMixin, DecodeMixin, ParkMixin, SeatMixin):
             llama_cpp.llama_model_free(model.ptr)
         self.slots.clear()
         self.models.clear()
+        HostBuffer.drain()

@@ -43,10 +43,14 @@ class Emitter:
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     def __call__(self, index, token):
-        if not self.first:
-            self.first.append(time.perf_counter())
+        self.mark()
         if self.on_token is not None:
             self.on_token(index, token, self.decoder.decode(self.model.piece(token)))
+
+    def mark(self):
+        """The first token came now (its streaming may follow later: Engine.emit_pending)."""
+        if not self.first:
+            self.first.append(time.perf_counter())
 
 
 class LoadProgress:

@@ -116,7 +116,7 @@ class ParkMixin:
 
     def _seq_save(self, ctx, seq):
         size = llama_cpp.llama_state_seq_get_size(ctx, seq)
-        buf = HostBuffer(size + seqstate.SPARE, self.pinned)   # room to re-address in place
+        buf = HostBuffer.get(size + seqstate.SPARE, self.pinned)   # room to re-address in place
         buf.capacity = size + seqstate.SPARE
         buf.nbytes = llama_cpp.llama_state_seq_get_data(ctx, buf.data, size, seq)
         return buf
@@ -183,7 +183,7 @@ class ParkMixin:
             slot = self._slot(job.agent)
             slot.tokens, slot.pending = list(job.tokens or []), list(job.pending or [])
             if job.total:
-                host = HostBuffer(job.total + seqstate.SPARE, self.pinned)
+                host = HostBuffer.get(job.total + seqstate.SPARE, self.pinned)
                 host.capacity, host.nbytes = job.total + seqstate.SPARE, job.total
                 ctypes.memmove(host.data, bytes(buf), job.total)
                 slot.parked, slot.parked_bytes = host, job.total

@@ -55,6 +55,7 @@ class Scheduler:
         self.waiting = collections.OrderedDict()   # agent -> deque of Incoming
         self.running = {}                           # agent -> (Incoming, engine Run)
         self.jobs = None
+        engine.on_launch = self._flush_stream       # a step's tokens go out during the next
 
     def run(self, jobs):
         """Until a None arrives on jobs: take jobs, then give every agent with work a turn."""
@@ -63,6 +64,7 @@ class Scheduler:
             block = not (self.waiting or self.running)
             try:
                 item = jobs.get(block=block)
+                self._flush_stream()        # the last step's tokens, before jobs that take long
                 while True:
                     if item is None:
                         return
@@ -161,8 +163,6 @@ class Scheduler:
         except Exception as exc:  # a bug must not kill the worker: report it
             log.exception("worker: DECODE failed")
             return runs, LmxError(Code.INTERNAL, f"worker error in DECODE: {exc}")
-        finally:
-            self._flush_tokens()
 
     def _start_next(self, agent):
         """Pop the agent's next job; start a DECODE (True) or finish anything else."""
@@ -227,7 +227,7 @@ class Scheduler:
 
     def _reply(self, item, out=None, error=None):
         """The job's one RESULT: the verb's record or the error, the slot, the engine."""
-        self._flush_tokens()                # its tokens before its result
+        self._flush_stream()                # its tokens before its result
         self.cancelled.discard(item.id)
         agent = getattr(item.job, "agent", None)
         if error is not None:
@@ -253,9 +253,12 @@ class Scheduler:
             self.tokens.append((item.id, index, token, text))
         return on_token
 
-    def _flush_tokens(self):
-        """The streamed tokens of a step, in one TOKENS event (one message per step, not per
-        token: the per-message cost was the worker's ceiling at 64 agents)."""
+    def _flush_stream(self):
+        """Stream what the steps so far gave, in one TOKENS event (one message per step, not
+        per token: the per-message cost was the worker's ceiling at 64 agents). Called while
+        the GPU computes the next step (Engine.on_launch), before a RESULT, and before new
+        jobs are taken, so a token waits at most one step and never behind a slow job."""
+        self.engine.emit_pending()
         if self.tokens:
             self.sock.send_multipart(protocol.encode_request("TOKENS", 0, tokens=self.tokens))
             self.tokens = []
