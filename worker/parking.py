@@ -13,6 +13,7 @@ import llama_cpp  # noqa: I001  -- must precede numpy: the CUDA load segfaulted 
 import ctypes
 import logging
 import os
+import time
 
 from lmx.common.errors import Code, LmxError, Reason
 from lmx.common.ctxspec import ContextSpec
@@ -22,6 +23,7 @@ from lmx.worker.device import HostBuffer
 
 log = logging.getLogger("lmx.worker")
 STATE_FORMAT = "seq-1"               # what the parked files hold: llama_state_seq_get_data
+TRACE = os.environ.get("LMX_TRACE_STEPS") == "1"   # a debug line per park too (decode.py)
 
 
 class ParkMixin:
@@ -55,7 +57,7 @@ class ParkMixin:
         slot = self._slot(agent)
         if slot.group is None:
             return ParkResult(self._where(slot), slot.parked_bytes)
-        group = slot.group
+        group, t0 = slot.group, time.perf_counter()
         if slot.n_past:
             size = llama_cpp.llama_state_seq_get_size(group.ctx, slot.seq)
             to_disk = bool(disk and self.park_dir)
@@ -70,6 +72,9 @@ class ParkMixin:
         if shrink is not None and shrink != group.capacity:
             self.resize(group, shrink)
         slot.parks += 1
+        if TRACE:
+            log.info("park: %s %d bytes in %.2f ms", agent, slot.parked_bytes,
+                     (time.perf_counter() - t0) * 1000)
         return ParkResult(self._where(slot), slot.parked_bytes)
 
     def _save_parked(self, slot, in_ram, to_disk):
