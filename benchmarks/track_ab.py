@@ -6,7 +6,13 @@ another, and records who survives and the error text of those that die. Track B 
 lmx-broker on the same card and REGISTERs the same three models: first at the same context
 (what it admits, what it refuses and with which numbers, and whether a q8_0 KV cache gets a
 refused agent in), then at a context agents really use; every admitted agent DECODEs.
-Per-process device memory is sampled throughout (NVML; RSS on CPU) and drawn as one PNG.
+Track B with parking (--parking, on by default) runs a broker with --admit-by-parking at the
+seed's context, f16 then q8_0 KV: the three agents are registered (one parks another to get
+in when they do not fit together) and served round-robin, --rounds times each, one request
+at a time: which were live when asked, how long making one live took (the broker's queue
+and swap, the worker's restore, the first token), parks and restores, and the ledger after
+every request. Per-process device memory is sampled throughout (NVML; RSS on CPU) and drawn
+as one PNG, a panel per track.
 
     # GPU: a ballast leaves --card bytes free on the real card
     python benchmarks/track_ab.py --models a.gguf b.gguf c.gguf --n-ctx 172032 --card 8GiB --out DIR
@@ -101,6 +107,56 @@ def track_b(models, n_ctx, alt_n_ctx, gpu, card, watch, folder):
     return out
 
 
+def track_p(models, n_ctx, rounds, gpu, card, watch, folder):
+    """lmx-broker with --admit-by-parking: the three agents served round-robin at n_ctx, with
+    f16 then q8_0 KV; every request's liveness, make-live time and the ledger after it."""
+    log = open(os.path.join(folder, "broker-parking.log"), "w")
+    args = ["--admit-by-parking", "--park-ram", "64GiB"]
+    args += [] if gpu else ["--cpu", "--vram-total", str(card), "--threads", "2"]
+    broker, endpoint, status = benchlib.start_broker(folder, models, *args, stderr=log)
+    out = {"n_ctx": n_ctx, "worker_pid": status["worker_pid"], "phases": []}
+    try:
+        with Client(endpoint, timeout=600) as c:
+            watch.watch(status["worker_pid"], "B, parking: lmx-worker")
+            for kv in ("f16", "q8_0"):
+                out["phases"].append(_parking_phase(c, models, n_ctx, kv, rounds))
+    finally:
+        broker.terminate()
+        broker.wait(60)
+    return out
+
+
+def _parking_phase(c, models, n_ctx, kv, rounds):
+    phase = {"kv": kv, "registers": [], "requests": []}
+    agents = []
+    for model in models:
+        agent = f"{os.path.basename(model).split('.')[0]}-{kv}-parking"
+        fields = {"agent": agent, "model": model, "n_ctx": n_ctx}
+        if kv != "f16":
+            fields.update(type_k=kv, type_v=kv)
+        reg = _call(c, "REGISTER", **fields)
+        phase["registers"].append(dict(reg, agent=agent))
+        if reg["status"] == "ok":
+            agents.append(agent)
+    for turn in range(rounds):
+        for agent in agents:
+            live = agent in c.call("STATUS")["live_agents"]
+            t0 = time.perf_counter()
+            r = c.call("DECODE", agent=agent, prompt=" and then", n_predict=8)
+            wall = (time.perf_counter() - t0) * 1000
+            s = c.call("STATUS")
+            phase["requests"].append({
+                "round": turn + 1, "agent": agent, "live_before": live, "status": r["status"],
+                "code": r.get("code"), "restored": bool(r.get("kv_swap_restored")),
+                "parked": r.get("kv_swap_parked") or [], "wall_ms": round(wall, 1),
+                "queue_ms": r.get("queue_ms"), "swap_ms": r.get("swap_ms"),
+                "ttft_ms": r.get("ttft_ms"), "allocated": s["ledger_allocated_bytes"],
+                "cap": s["ledger_max_bytes"], "live_after": list(s["live_agents"])})
+    for agent in agents:
+        c.call("UNREGISTER", agent=agent)
+    return phase
+
+
 def _phase(c, models, n_ctx, kv):
     """REGISTER every model with this KV type, DECODE each admitted one, UNREGISTER."""
     phase = {"n_ctx": n_ctx, "kv": kv, "agents": []}
@@ -131,10 +187,19 @@ def _phase(c, models, n_ctx, kv):
 @click.option("--card", default="8GiB", show_default=True, help="The emulated card size.")
 @click.option("--flash-attn/--no-flash-attn", default=True, show_default=True,
               help="For Track A's raw processes (lmx's default is on).")
+@click.option("--parking/--no-parking", default=True, show_default=True,
+              help="Also run Track B with --admit-by-parking (round-robin at --n-ctx).")
+@click.option("--rounds", default=2, show_default=True, help="Round-robin turns per agent.")
+@click.option("--parking-n-ctx", default=None, type=int,
+              help="The parking track's context [default: --n-ctx].")
+@click.option("--parking-card", default=None,
+              help="CPU only: the parking broker's declared size [default: --card] (tiny "
+              "models need a smaller card than the other tracks to have to park).")
 @click.option("--cpu", is_flag=True, help="No GPU: no ballast, RSS instead of NVML.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--replot", is_flag=True, help="Only redraw OUT/tracks.png from OUT/results.json.")
-def main(models, n_ctx, alt_n_ctx, card, flash_attn, cpu, out_dir, replot):
+def main(models, n_ctx, alt_n_ctx, card, flash_attn, parking, rounds, parking_n_ctx,
+         parking_card, cpu, out_dir, replot):
     """Run Track A, then Track B, and write results.json and tracks.png to --out."""
     if replot:
         with open(os.path.join(out_dir, "results.json")) as fh:
@@ -171,13 +236,20 @@ def main(models, n_ctx, alt_n_ctx, card, flash_attn, cpu, out_dir, replot):
         b0 = watch.mark()
         result["track_b"] = track_b(models, n_ctx, alt_n_ctx, gpu, card, watch, folder)
         b1 = watch.mark()
+        if parking:
+            time.sleep(1.0)
+            p0 = watch.mark()
+            result["track_p"] = track_p(models, parking_n_ctx or n_ctx, rounds, gpu,
+                                        parse_size(parking_card) if parking_card else card,
+                                        watch, folder)
+            result["phases_s"] = {"p": [p0, watch.mark()]}
     finally:
         watch.stop()
         if ballast is not None:
             ballast.stdin.close()
             ballast.wait(60)
     result["samples"] = watch.series()
-    result["phases_s"] = {"a": [a0, a1], "b": [b0, b1]}
+    result["phases_s"] = dict(result.get("phases_s", {}), a=[a0, a1], b=[b0, b1])
     benchlib.dump(result, os.path.join(out_dir, "results.json"))
     draw(result, os.path.join(out_dir, "tracks.png"))
     summary(result)
@@ -188,8 +260,12 @@ def draw(result, path):
     try:
         series = {k: v for k, v in result["samples"].items() if k != "ballast"}
         ph, card = result["phases_s"], result["card_bytes"] if result["gpu"] else None
-        benchlib.plot([("Track A: independent llama-cpp-python processes", series, ph["a"]),
-                       ("Track B: lmx-broker (one worker)", series, ph["b"])], path,
+        panels = [("Track A: independent llama-cpp-python processes", series, ph["a"]),
+                  ("Track B: lmx-broker (one worker)", series, ph["b"])]
+        if "p" in ph:
+            panels.append(("Track B, --admit-by-parking: round-robin, f16 then q8_0 KV",
+                           series, ph["p"]))
+        benchlib.plot(panels, path,
                       "device MiB (NVML)" if result["gpu"] else "RSS MiB", card)
     except ImportError:
         click.echo("track_ab: matplotlib missing; no PNG (rerun with --replot)", err=True)
@@ -209,6 +285,15 @@ def summary(r):
             dec = row.get("decode", {})
             click.echo(f"B n_ctx={ph['n_ctx']:6} kv={ph['kv']:5} {row['agent'][:30]:30} {verdict}"
                        f"{'  decoded ' + str(dec.get('generated_tokens')) if dec else ''}")
+    for ph in r.get("track_p", {}).get("phases", []):
+        refused = [g["agent"] for g in ph["registers"] if g["status"] != "ok"]
+        click.echo(f"P kv={ph['kv']:5} parking, refused at REGISTER: {refused or 'none'}")
+        for q in ph["requests"]:
+            click.echo(f"P kv={ph['kv']:5} round {q['round']} {q['agent'][:30]:30} "
+                       f"{'live' if q['live_before'] else 'parked':6} -> {q['status']:5} "
+                       f"wall {q['wall_ms']:7.1f} ms swap {q['swap_ms']} ms restored "
+                       f"{q['restored']} parked {q['parked']} allocated {q['allocated']:,} / "
+                       f"{q['cap']:,}")
 
 
 if __name__ == "__main__":

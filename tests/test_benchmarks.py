@@ -29,7 +29,8 @@ def tiny(tmp_path_factory, smol_path):
 def test_track_ab_tiny(tiny, tmp_path):
     out = tmp_path / "ab"
     text = run("track_ab.py", "--cpu", *sum((["--models", m] for m in tiny), []), "--n-ctx",
-               "2048", "--alt-n-ctx", "512", "--card", "256MiB", "--out", str(out))
+               "2048", "--alt-n-ctx", "512", "--card", "256MiB", "--parking-n-ctx", "32768",
+               "--parking-card", "72MiB", "--out", str(out))
     r = json.loads((out / "results.json").read_text())
     assert [row["survived"] for row in r["track_a"]] == [True, True, True]
     phases = r["track_b"]["phases"]
@@ -38,6 +39,17 @@ def test_track_ab_tiny(tiny, tmp_path):
                for a in phases[2]["agents"])
     assert (out / "tracks.png").stat().st_size > 10_000
     assert "B n_ctx=   512" in text
+    # with parking: two of the three fit only one at a time; both are served every round,
+    # made live again from their parked state, and the ledger never passes the cap
+    f16 = r["track_p"]["phases"][0]
+    served = [g["agent"] for g in f16["registers"] if g["status"] == "ok"]
+    assert len(served) == 2 and len(f16["requests"]) == 2 * len(served)
+    assert all(q["status"] == "ok" for q in f16["requests"])
+    assert [q["agent"] for q in f16["requests"]] == served * 2
+    later = f16["requests"][len(served):]
+    assert all(not q["live_before"] and q["restored"] and q["parked"] for q in later)
+    assert all(q["allocated"] <= q["cap"] for q in f16["requests"])
+    assert "P kv=f16" in text
 
 
 def test_overheads_tiny(tiny, tmp_path):
