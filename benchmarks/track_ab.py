@@ -147,7 +147,8 @@ def _parking_phase(c, models, n_ctx, kv, rounds):
             s = c.call("STATUS")
             phase["requests"].append({
                 "round": turn + 1, "agent": agent, "live_before": live, "status": r["status"],
-                "code": r.get("code"), "restored": bool(r.get("kv_swap_restored")),
+                "code": r.get("code"), "message": r.get("message"),
+                "restored": bool(r.get("kv_swap_restored")),
                 "parked": r.get("kv_swap_parked") or [], "wall_ms": round(wall, 1),
                 "queue_ms": r.get("queue_ms"), "swap_ms": r.get("swap_ms"),
                 "ttft_ms": r.get("ttft_ms"), "allocated": s["ledger_allocated_bytes"],

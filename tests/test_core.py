@@ -449,3 +449,21 @@ def test_an_overhead_the_cap_cannot_hold_is_logged_once_not_at_every_reading():
                .WorkerResult(job.job_id, result, h.now, h.now))
     refusals = [t for t in logged if "worker:overhead needs" in t]
     assert len(refusals) == 1, logged
+
+
+def test_a_refusal_says_what_parking_the_idle_agents_would_free():
+    """Parking the idle agent would free its context, but not enough: the weights stay. The
+    refusal says how much parking could free, not that nothing can be parked."""
+    probe = Harness(admit_by_parking=True)
+    probe.send("REGISTER", agent="a", model="small")
+    probe.run_jobs()
+    h = Harness(total=probe.core.ledger.allocated_bytes + CONTEXT // 2, admit_by_parking=True)
+    h.send("REGISTER", agent="a", model="small")
+    h.run_jobs()
+    big = h.send("REGISTER", agent="b", model="big")
+    h.run_jobs()
+    reply = h.final(big)
+    assert reply["code"] == "VRAM_LEDGER_DENY" and not h.jobs("PARK")
+    assert reply["freeable_bytes"] == h.core.groups[h.core.agents["a"].gid].booking() + \
+        h.core.agents["a"].booked_bytes
+    assert "parking every idle agent would free" in reply["message"]

@@ -247,10 +247,28 @@ def _no_room(core, op):
     led = core.devices[op.dev].ledger
     free = led.max_bytes - led.allocated_bytes
     where = f" on device {op.dev}" if len(core.devices) > 1 else ""
+    freeable = _freeable(core, core.devices[op.dev], rec)
+    why = (f"parking every idle agent would free {freeable} more (weights stay loaded while "
+           "their agents are registered)" if freeable else "no idle agent can be parked")
     return LmxError(Code.VRAM_LEDGER_DENY, f"agent {op.agent!r} needs {need} bytes but only "
-                    f"{max(free, 0)} of the {led.max_bytes}-byte cap{where} are free and no "
-                    "idle agent can be parked", Reason.CAP, agent=op.agent,
-                    requested_bytes=need, device=op.dev, **core.ledger_numbers(op.dev))
+                    f"{max(free, 0)} of the {led.max_bytes}-byte cap{where} are free and "
+                    f"{why}", Reason.CAP, agent=op.agent, requested_bytes=need,
+                    device=op.dev, freeable_bytes=freeable, **core.ledger_numbers(op.dev))
+
+
+def _freeable(core, dev, rec):
+    """The most bytes parking every idle agent of dev (not rec) could give back: a group they
+    would leave empty goes whole (compute and seats), another shrinks to its other members."""
+    idle = [a for a in core.agents.values() if a.live and a is not rec and a.dev == dev.index
+            and a.state == "ready" and not a.unparkable and core.lane_idle(a.name)]
+    total = 0
+    for gid in {a.gid for a in idle}:
+        group = core.groups.get(gid)
+        if group is None:
+            continue
+        stay = len(group.members) - sum(1 for a in idle if a.gid == gid)
+        total += _total(group, group.capacity) - _total(group, stay)
+    return total
 
 
 def _reserve(core, op, steps):
