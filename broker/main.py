@@ -135,6 +135,10 @@ def _private_worker_endpoint():
 @click.option("--max-live-contexts", default=0, show_default=True, type=click.IntRange(0, 4096),
               help="At most this many agents live at once (idle ones parked, least recently "
               "used first, when another must run); 0: as many as the ledger allows.")
+@click.option("--swap-grace-ms", default=20, show_default=True, type=click.IntRange(0, 1000),
+              help="A parked agent's request that must park idle agents waits while other "
+              "requests keep arriving less than this apart (at most 5 times it), so a burst's "
+              "own agents are not parked for each other; 0: never wait.")
 @click.option("--admit-by-parking", is_flag=True, help="A REGISTER that does not fit parks "
               "idle agents (least recently used first) to make room, instead of being refused.")
 @click.option("--max-batch", default=256, show_default=True, type=click.IntRange(1, 256),
@@ -275,6 +279,7 @@ def _config(o):
         curve_secret_key=o["curve_secret_key"], curve_clients=o["curve_clients"],
         park_to_disk=o["park_to_disk"], park_ram=o["park_ram"],
         max_live_contexts=o["max_live_contexts"], admit_by_parking=o["admit_by_parking"],
+        swap_grace_s=o["swap_grace_ms"] / 1000,
         workers=_workers(worker, o["gpus"], o["vram_total"]), gpus=o["gpus"] or (),
         remote_endpoint=o["remote_endpoint"], curve_workers=o["curve_workers"],
         quotas=_quotas(o["quotas"]))

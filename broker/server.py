@@ -17,7 +17,7 @@ import time
 import zmq
 
 from lmx.broker import access
-from lmx.broker.core import Core
+from lmx.broker.core import Core, room
 from lmx.broker.core.events import (CancelJob, ClientRequest, ClientSlow, KillWorker, Log,
                                     Reply, SendJob, SpawnWorker, Tick, WorkerHeartbeat,
                                     WorkerLost, WorkerProgress, WorkerReady, WorkerResult,
@@ -36,6 +36,7 @@ from lmx.common.sockets import make_socket
 log = logging.getLogger("lmx.broker")
 MAX_OUTBOX_BYTES = 64 << 20      # per client: past it, its streams are stopped
 TICK_S = 0.02
+HOLD_TICK_S = 0.005       # while a swap waits out a burst (room.py): look again this often
 
 
 def refuse_if_served(endpoint):
@@ -163,7 +164,8 @@ class Broker:
             poller.register(sock, zmq.POLLIN)
         next_beat = next_tick = time.monotonic()
         while not self.stop:
-            wait = TICK_S if self.outbox.pending else self.config.heartbeat_s / 2
+            wait = HOLD_TICK_S if room.holding(self.core) else TICK_S if \
+                self.outbox.pending else self.config.heartbeat_s / 2
             events = dict(poller.poll(int(wait * 1000)))
             for sock in self.workers.sockets():
                 if sock in events:
@@ -171,7 +173,7 @@ class Broker:
             if self.client in events:
                 self._drain(self.client, self._on_client)
             now = time.monotonic()
-            if now >= next_tick:
+            if now >= next_tick or room.holding(self.core):
                 self._dispatch(Tick(now, time.time()))
                 next_tick = now + TICK_S
             if now >= next_beat:

@@ -162,6 +162,7 @@ class Harness:
 
     def __init__(self, total=1000 * MiB, devices=1, totals=None, journal=None, **config):
         config.setdefault("admission_percent", 100)
+        config.setdefault("swap_grace_s", 0)          # tests of the burst grace set it
         totals = list(totals or [total] * devices)
         if len(totals) > 1:
             config.setdefault("workers", [WorkerConfig(name=f"local:{i}")

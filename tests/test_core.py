@@ -195,12 +195,13 @@ OPS = st.lists(st.tuples(st.sampled_from(["register", "decode", "unregister", "c
 
 
 @settings(max_examples=150, deadline=None)
-@given(OPS, st.booleans(), st.sampled_from([0, 2_000, 1 << 30]), st.integers(0, 2))
-def test_random_traffic_never_overbooks(ops, by_parking, park_ram, max_live):
+@given(OPS, st.booleans(), st.sampled_from([0, 2_000, 1 << 30]), st.integers(0, 2),
+       st.sampled_from([0, 0.02]))
+def test_random_traffic_never_overbooks(ops, by_parking, park_ram, max_live, grace):
     h = Harness(total=WEIGHTS["small"] + WEIGHTS["big"] + 3 * CONTEXT,
                 admit_by_parking=by_parking, park_ram=park_ram, park_to_disk=park_ram == 0,
                 state_dir="/nonexistent-state" if park_ram == 0 else "",
-                max_live_contexts=max_live)
+                max_live_contexts=max_live, swap_grace_s=grace)
     sent = []
     for op, name, k in ops:
         if op == "register":
@@ -223,6 +224,8 @@ def test_random_traffic_never_overbooks(ops, by_parking, park_ram, max_live):
             h.feed(WorkerReady(9, DeviceReading("cpu", "declared", "cpu",
                                                 h.core.ledger.total_bytes), h.now))
         _check_invariants(h)
+    h.run_jobs()
+    h.tick(0.15)                                    # past any swap's grace (five of them)
     h.run_jobs()
     _check_invariants(h)
     assert not h.core.jobs and not h.core.room, "work left behind after every job answered"
@@ -467,3 +470,55 @@ def test_a_refusal_says_what_parking_the_idle_agents_would_free():
     assert reply["freeable_bytes"] == h.core.groups[h.core.agents["a"].gid].booking() + \
         h.core.agents["a"].booked_bytes
     assert "parking every idle agent would free" in reply["message"]
+
+
+def _four_seats_two_parked(**config):
+    """Four seats, d e f g live and idle, a b parked (they registered first)."""
+    probe = Harness(admit_by_parking=True)
+    for name in "defg":
+        probe.send("REGISTER", agent=name, model="small")
+        probe.run_jobs()
+    h = Harness(total=probe.core.ledger.allocated_bytes, admit_by_parking=True, **config)
+    for name in "abdefg":
+        h.send("REGISTER", agent=name, model="small")
+        h.run_jobs()
+    assert sorted(n for n, a in h.core.agents.items() if a.live) == ["d", "e", "f", "g"]
+    return h
+
+
+def test_a_burst_of_requests_does_not_park_its_own_agents_for_each_other():
+    """All six agents' DECODEs arrive 1 ms apart, a and b (parked) first. Without the grace a
+    and b would park d and e, whose own DECODEs come next and must park others in turn; with
+    it a and b wait out the burst, d e f g run at once, and a and b then take over two of
+    them once they are idle: two parks, not four."""
+    h = _four_seats_two_parked(swap_grace_s=0.02)
+    runs = [h.send("DECODE", agent=name, prompt="x", n_predict=2) for name in "abdefg"]
+    assert not h.jobs("PARK") and sorted(j.fields["agent"] for j in h.jobs("DECODE")) == \
+        ["d", "e", "f", "g"]                    # held, and the live ones were not held back
+    assert [op.agent for op in h.core.room] == ["a", "b"]     # waiting for d e f g to end
+    h.run_jobs()                                # d e f g finish: idle, but the burst is recent
+    h.tick(0.05)                                # the burst is over
+    h.run_jobs()
+    assert [h.final(i)["status"] for i in runs] == ["ok"] * 6
+    assert sum(a.parks for a in h.core.agents.values()) == 2 + 2       # 2 at REGISTER
+    assert all(alloc <= cap for alloc, cap in h.ledger_trace)
+
+
+def test_a_lone_parked_agents_request_waits_one_grace_and_a_burst_at_most_five():
+    h = _four_seats_two_parked(swap_grace_s=0.02)
+    h.send("DECODE", agent="a", prompt="x", n_predict=2)
+    assert not h.jobs("PARK")
+    h.tick(0.019)
+    assert not h.jobs("PARK")
+    h.tick(0.002)
+    assert [j.fields["agent"] for j in h.jobs("PARK")] == ["d"]        # one grace later
+    h.run_jobs()
+    g = _four_seats_two_parked(swap_grace_s=0.02)
+    late = g.send("DECODE", agent="b", prompt="x", n_predict=2)
+    for _ in range(12):                         # requests keep coming 9 ms apart
+        g.now += 0.009
+        g.send("DECODE", agent="d", prompt="x", n_predict=1)
+        g.run_jobs() if g.jobs("PARK") else None
+        for job in g.jobs("DECODE"):
+            g.answer(g.worker.pending.index(job))
+    assert g.final(late) is not None and g.final(late)["status"] == "ok"   # not starved

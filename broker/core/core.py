@@ -300,6 +300,7 @@ class Core:
         self.quotas.check_run(rec.client, self.now)
         dev = self.need_device(rec.dev)
         op.dev = rec.dev
+        dev.last_runs.append((self.now, op))     # a burst of requests holds swaps (room.py)
         if rec.live and not room.blocks(dev) and not room.over_live_limit(self, dev):
             self.launch_run(op)
         else:

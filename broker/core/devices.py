@@ -41,6 +41,7 @@ class DeviceView:
         self.replayed = False             # the journal's agents of this device were replayed
         self.overhead_measured = False
         self.overhead_refused = None      # the overhead the cap last refused (logged once)
+        self.last_runs = collections.deque(maxlen=64)   # (time, op) of recent DECODEs/CHATs
         self.builds_before = 0            # context builds of this device's earlier workers
 
     @property

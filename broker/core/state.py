@@ -41,6 +41,7 @@ class BrokerConfig:
     park_ram: int = 4 << 30            # host bytes for parked state (the broker's budget)
     max_live_contexts: int = 0         # 0: as many as the ledger allows
     admit_by_parking: bool = False     # REGISTER may park idle agents to make room
+    swap_grace_s: float = 0.02         # a swap waits out a burst of requests (room.py)
     measure_margin_percent: int = 5    # booking after reconciliation = measured + this
     others_margin: int = 256 << 20     # kept free below what other processes hold
     chat_templates: dict = field(default_factory=dict)   # model path -> template text
@@ -131,6 +132,7 @@ class Op:
     for_op: Optional["Op"] = None       # PARK, RESIZE: the op it makes room for
     seat: Optional[dict] = None         # its agent's placement, sent with the job
     step: object = None                 # PARK, RESIZE: the room.Step it carries out
+    held: bool = False                  # waiting out a burst before it parks anyone (room.py)
     slow: bool = False                  # its client reads too slowly: partials dropped
     dev: int = 0                        # the device whose worker runs it
 
