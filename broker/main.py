@@ -148,8 +148,11 @@ def _private_worker_endpoint():
               help="Host memory for parked KV state (the broker's budget: it counts every "
               "parked byte); past it, parked state goes to files in STATE_DIR/parked.")
 @click.option("--quantum", default=4, show_default=True, type=click.IntRange(1, 4096),
-              help="Tokens (batched steps) a group of agents runs per turn before the next "
+              help="Batched steps a group of agents runs per turn, at most, before the next "
               "group's turn and new jobs.")
+@click.option("--turn-tokens", default=512, show_default=True, type=click.IntRange(1, 1 << 20),
+              help="Tokens a group evaluates per turn, at most: groups (models, context specs) "
+              "share the worker fairly by tokens, a long prompt's chunks using up its turns.")
 @click.option("--park-to-disk/--no-park-to-disk", default=True, show_default=True,
               help="Use STATE_DIR/parked: parked state past --park-ram, and a copy of every "
               "parked state so conversations survive a worker or broker restart.")
@@ -260,6 +263,7 @@ def _config(o):
         threads=o["threads"], vram_total=(o["vram_total"] or (None,))[0],
         heartbeat_s=o["heartbeat"],
         liveness=o["liveness"], max_batch=o["max_batch"], quantum=o["quantum"],
+        turn_tokens=o["turn_tokens"],
         log_level=o["log_level"],
         simulate_others=os.path.abspath(o["simulate_others"]) if o["simulate_others"] else None,
         park_dir=os.path.join(state, "parked") if o["park_to_disk"] and state else None)

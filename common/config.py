@@ -98,7 +98,8 @@ class WorkerConfig:
     heartbeat_s: float = DEFAULT_HEARTBEAT_S
     liveness: int = DEFAULT_LIVENESS      # silent intervals before the broker is declared gone
     max_batch: int = 256                  # seats per group context (one llama_decode batch)
-    quantum: int = 4                      # batched steps a group runs per turn
+    quantum: int = 4                      # batched steps a group runs per turn, at most
+    turn_tokens: int = 512                # tokens a group evaluates per turn, at most
     park_dir: Optional[str] = None        # parked state files (None: host memory only)
     log_level: str = "INFO"
     name: Optional[str] = None            # how the broker knows this worker's device (None:

@@ -572,3 +572,46 @@ def test_freed_park_buffers_are_reused_within_the_pool_limit(monkeypatch):
     assert len(HostBuffer._pool) == 1 and HostBuffer._pooled == 2 << 20   # the second did not fit
     HostBuffer.drain()
     assert HostBuffer._pool == [] and HostBuffer._pooled == 0
+
+
+def test_groups_take_turns_fair_by_tokens_a_long_prompt_does_not_hold_the_worker(smol_path):
+    """Two groups (two context sizes): one agent decodes token by token, another brings a
+    prompt of about 1,500 tokens (512-token chunks). With turns of at most 512 tokens, every
+    chunk ends its group's turn and the decoding agent steps in between; with turns of four
+    steps the chunks ran back to back."""
+    import queue
+    import threading
+    import time
+    from lmx.common.jobs import DecodeJob, RegisterJob
+    from lmx.worker.engine import Engine
+    from lmx.worker.scheduler import Incoming, Scheduler
+    eng, sock = Engine(2, gpu=False, pinned=False), _Watched()
+    steps, step = [], eng.step
+
+    def logged(runs):
+        out = step(runs)
+        steps.append((runs[0].agent if len({r.agent for r in runs}) == 1 else "both",
+                      eng.step_tokens))
+        return out
+    eng.step = logged
+    sched, jobs = Scheduler(eng, sock, set(), quantum=4, turn_tokens=512), queue.Queue()
+    thread = threading.Thread(target=sched.run, args=(jobs,))
+    thread.start()
+
+    def put(i, job):
+        jobs.put(Incoming(i, job.VERB, job, time.monotonic()))
+    try:
+        put(1, RegisterJob("talker", smol_path, ContextSpec(n_ctx=512).as_dict()))
+        put(2, RegisterJob("reader", smol_path, ContextSpec(n_ctx=2048).as_dict()))
+        sock.wait_for(lambda m: m["verb"] == "RESULT" and m["id"] == 2)
+        put(3, DecodeJob("talker", PROMPTS[0], 200, stream=True))
+        sock.wait_for(lambda m: m["verb"] == "TOKENS" and any(t[0] == 3 for t in m["tokens"]))
+        put(4, DecodeJob("reader", "The history of the sea. " * 250, 2))
+        sock.wait_for(lambda m: m["verb"] == "RESULT" and m["id"] == 4)
+    finally:
+        jobs.put(None)
+        thread.join(120)
+        eng.close()
+    chunks = [i for i, (who, tokens) in enumerate(steps) if who == "reader" and tokens > 100]
+    assert len(chunks) >= 2                          # the prompt came in several chunks
+    assert all(steps[i + 1][0] == "talker" for i in chunks[:-1]), steps

@@ -176,7 +176,8 @@ class DecodeMixin:
         """One step for every run (all live): per group the pending token of each running
         agent in one llama_decode, then chunks of newcomers' prompts in another (each one
         ubatch: batchplan.py); return the runs that finished (their .result, a DecodeResult or
-        ChatResult, is set)."""
+        ChatResult, is set). step_tokens: the tokens it evaluated (fillers included)."""
+        self.step_tokens = 0
         by_group = {}
         for run in runs:
             by_group.setdefault(id(run.slot.group), []).append(run)
@@ -203,6 +204,7 @@ class DecodeMixin:
         """Decode one planned batch, remove its fillers, give each row its token; the runs
         that finished."""
         t0 = time.perf_counter()
+        self.step_tokens += len(items)
         try:
             self._decode_batch(group, items)
         finally:

@@ -65,6 +65,7 @@ class Engine(ChatMixin, DecodeMixin, ParkMixin, SeatMixin):
         self._batch_size = 0
         self._pool = None             # threads that sample a batch's rows (decode.py)
         self.on_launch = None         # called while the GPU computes a step (decode.py)
+        self.step_tokens = 0          # tokens the last step evaluated (the scheduler's turns)
         self._emits = []              # DECODE tokens whose streaming waits for on_launch
         self.llama_log = LlamaLog()
         llama_cpp.llama_backend_init()

@@ -41,11 +41,11 @@ log = logging.getLogger("lmx.worker")
 RESULTS = "inproc://lmx-worker-results"
 
 
-def compute_loop(ctx, jobs, engine, cancelled, quantum):
+def compute_loop(ctx, jobs, engine, cancelled, quantum, turn_tokens):
     """Compute thread: the scheduler runs jobs on the engine until a None arrives."""
     sock = make_socket(ctx, zmq.PAIR, RESULTS)
     try:
-        Scheduler(engine, sock, cancelled, quantum).run(jobs)
+        Scheduler(engine, sock, cancelled, quantum, turn_tokens).run(jobs)
     finally:
         engine.close()
         sock.close()
@@ -55,7 +55,7 @@ class Worker:
     """The IO side: register with the broker, forward jobs and results, heartbeat."""
 
     def __init__(self, broker, device, engine, heartbeat_s, liveness, quantum=4, name=None,
-                 curve=None):
+                 curve=None, turn_tokens=512):
         self.ctx = zmq.Context()
         self.results = make_socket(self.ctx, zmq.PAIR, RESULTS, bind=True)
         self.sock = make_socket(self.ctx, zmq.DEALER, broker, curve=curve)
@@ -74,7 +74,7 @@ class Worker:
         self.refused = False
         self.thread = threading.Thread(target=compute_loop, name="lmx-compute",
                                        args=(self.ctx, self.jobs, engine, self.cancelled,
-                                             quantum),
+                                             quantum, turn_tokens),
                                        daemon=True)
 
     def send(self, verb, msg_id=0, **fields):
@@ -217,7 +217,8 @@ _D = WorkerConfig()                    # the options' defaults: WorkerConfig's f
 _FIELDS = {"broker": "broker", "vram_total": "vram_total", "gpu_index": "gpu_index",
            "force_cpu": "force_cpu", "threads": "threads", "heartbeat": "heartbeat_s",
            "liveness": "liveness", "simulate_others": "simulate_others",
-           "max_batch": "max_batch", "quantum": "quantum", "park_dir": "park_dir",
+           "max_batch": "max_batch", "quantum": "quantum", "turn_tokens": "turn_tokens",
+           "park_dir": "park_dir",
            "log_level": "log_level", "name": "name", "curve_secret_key": "curve_secret_key",
            "curve_server_key": "curve_server_key"}
 
@@ -272,7 +273,10 @@ def build_config(ctx, config, options):
               type=click.IntRange(1, 256), help="Most seats of a group context (when the "
               "broker does not place agents itself).")
 @click.option("--quantum", default=_D.quantum, show_default=True, type=click.IntRange(1, 4096),
-              help="Batched steps a group runs per turn before the next group's turn.")
+              help="Batched steps a group runs per turn before the next group's turn, at most.")
+@click.option("--turn-tokens", default=_D.turn_tokens, show_default=True,
+              type=click.IntRange(1, 1 << 20), help="Tokens a group evaluates per turn, at "
+              "most: turns are fair by tokens (a long prompt's chunks use up its turns).")
 @click.option("--park-dir", type=click.Path(file_okay=False), default=_D.park_dir,
               help="Parked state files: states a PARK sends to disk, and a copy of every "
               "parked state so a restart can resume conversations.")
@@ -307,7 +311,7 @@ def serve(cfg):
                     process_bytes=lambda: device.read()["process_bytes"],
                     park_dir=cfg.park_dir, max_batch=cfg.max_batch)
     worker = Worker(cfg.broker, device, engine, cfg.heartbeat_s, cfg.liveness, cfg.quantum,
-                    cfg.name, curve_keys(cfg))
+                    cfg.name, curve_keys(cfg), cfg.turn_tokens)
     # Signal handlers do no work: they ask the loop to stop.
     signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "stop", True))
     signal.signal(signal.SIGINT, lambda *_: setattr(worker, "stop", True))

@@ -4,8 +4,10 @@ Jobs arrive as Incoming items (the typed job record from common/jobs.py and the 
 thread received it). Each agent has a FIFO of its DECODEs, CHATs and its UNREGISTER, so its own
 requests keep their order. Every agent with a running DECODE is seated in a group (seats.py);
 each step evaluates one token of every running agent of a group in one llama_decode, so agents
-on one model are batched and none starves; groups (different models or specs) take turns of
-`quantum` steps, and new jobs are taken between turns; a turn ends after one step when jobs
+on one model are batched and none starves; groups (different models or specs) take turns,
+fair by tokens: a turn is at most `quantum` steps and `turn_tokens` evaluated tokens (deficit
+round robin: a turn that evaluated more, a long prompt's chunks, carries the debt into the
+group's next turns), and new jobs are taken between turns; a turn ends after one step when jobs
 are waiting, so a newcomer joins the running agents' next step (its time to first token is a
 step, not a quantum) and a short request is not stuck behind a long one. REGISTER, PARK and
 RESIZE run as soon as they arrive; the broker sends PARK only for an agent with no work in
@@ -48,9 +50,11 @@ class Incoming(NamedTuple):
 class Scheduler:
     """Runs on the compute thread; owns the engine and the results socket."""
 
-    def __init__(self, engine, sock, cancelled, quantum=4):
+    def __init__(self, engine, sock, cancelled, quantum=4, turn_tokens=512):
         self.engine, self.sock, self.cancelled = engine, sock, cancelled
         self.quantum = max(1, quantum)
+        self.turn_tokens = max(1, turn_tokens)
+        self.credit = {}        # group -> tokens it may still evaluate (deficit round robin)
         self.tokens = []        # (job id, index, token, text) streamed in this step
         self.waiting = collections.OrderedDict()   # agent -> deque of Incoming
         self.running = {}                           # agent -> (Incoming, engine Run)
@@ -132,14 +136,27 @@ class Scheduler:
         for _, run in self.running.values():
             if run.slot.group is not None:
                 groups.setdefault(id(run.slot.group), []).append(run)
-        for runs in groups.values():
-            for _ in range(self.quantum):
-                finished, error = self._step(runs)
-                for run in finished:
-                    self._end(run, error)
-                runs = [r for r in runs if r not in finished]
-                if not runs or self._jobs_waiting():
-                    break
+        self.credit = {key: self.credit.get(key, 0) for key in groups}
+        for key, runs in groups.items():
+            self._turn(key, runs)
+
+    def _turn(self, key, runs):
+        """A group's turn: steps until it has evaluated its credit of tokens (turn_tokens a
+        turn, a debt carried to the next: a long prompt's 512-token chunks do not take four
+        steps' worth of turns from a group decoding one token a step) or `quantum` steps,
+        or until jobs arrive."""
+        credit = min(self.credit[key] + self.turn_tokens, self.turn_tokens)
+        steps = 0
+        while credit > 0 and steps < self.quantum and runs:
+            finished, error = self._step(runs)
+            credit -= self.engine.step_tokens
+            steps += 1
+            for run in finished:
+                self._end(run, error)
+            runs = [r for r in runs if r not in finished]
+            if self._jobs_waiting():
+                break
+        self.credit[key] = credit if runs else 0
 
     def _jobs_waiting(self):
         """New jobs arrived: end this group's turn after one step, so a newcomer joins the
