@@ -1,6 +1,7 @@
 """`lmx-top`: a live view of one broker (STATUS and LIST, redrawn every --interval seconds).
 
-    device  ledger cap, booked, NVML used, other processes' bytes
+    device  ledger cap, booked, NVML used, other processes' bytes (the sums over devices)
+    devices with several: per device its worker, ledger, NVML reading, agents (live)
     models  path, agents, booked bytes, worker refs
     groups  seats, seats used, rebuilds
     agents  residence, booked and parked bytes, queue, tok/s, last active (sortable)
@@ -109,6 +110,24 @@ def device_panel(st):
     return Group(head, grid)
 
 
+def devices_table(st):
+    """One row per device (shown when the broker drives several)."""
+    table = Table(title="devices", title_justify="left")
+    for col in ("device", "name", "worker", "booked", "cap", "NVML used", "of", "agents",
+                "live", "waiting"):
+        table.add_column(col, justify="left" if col in ("name", "worker") else "right")
+    for d in st.get("devices", []):
+        where = d.get("device_name") or d.get("kind") or "-"
+        worker = f"{d['worker_state']} pid {d.get('worker_pid') or '-'} " \
+                 f"restarts {d.get('worker_restarts', 0)}{' (remote)' if d.get('remote') else ''}"
+        table.add_row(str(d["device"]), f"{d.get('name') or '-'}: {where}", worker,
+                      human(d["ledger_allocated_bytes"]), human(d["ledger_max_bytes"]),
+                      human(d.get("used_bytes")), human(d.get("total_bytes")),
+                      str(len(d.get("agents") or [])), str(len(d.get("live_agents") or [])),
+                      str(d.get("waiting_for_room", 0)))
+    return table
+
+
 def models_table(st):
     """One row per loaded or booked model."""
     table = Table(title="models", title_justify="left", expand=False)
@@ -133,17 +152,20 @@ def groups_table(st):
     return table
 
 
-def agents_table(agents, sort, now):
-    """One row per agent, sorted by `sort` (a SORTS key)."""
+def agents_table(agents, sort, now, devices=False):
+    """One row per agent, sorted by `sort` (a SORTS key); devices: a column for where it
+    lives."""
     table = Table(title=f"agents (sorted by {sort})", title_justify="left")
-    for col in ("agent", "model", "residence", "booked", "parked", "queue", "tok/s", "tokens",
-                "last active"):
+    cols = ("agent", "model") + (("device",) if devices else ()) + (
+        "residence", "booked", "parked", "queue", "tok/s", "tokens", "last active")
+    for col in cols:
         table.add_column(col, justify="left" if col in ("agent", "model", "residence")
                          else "right")
     for a in sorted(agents, key=SORTS[sort]):
         tok_s = a.get("tok_s")
         style = "green" if a["residence"] == "live" else None
-        table.add_row(a["agent"], a["model"], Text(a["residence"], style=style),
+        where = (str(a.get("device", "-")),) if devices else ()
+        table.add_row(a["agent"], a["model"], *where, Text(a["residence"], style=style),
                       human(a["booked_now_bytes"]), human(a["parked_bytes"]),
                       str(a["queue_depth"]), "-" if tok_s is None else f"{tok_s:.1f}",
                       str(a["generated_tokens"]), ago(a.get("last_active"), now))
@@ -154,10 +176,14 @@ def frame(snap, sort, now=None, note=None):
     """Everything one refresh shows, as one rich renderable."""
     now = time.time() if now is None else now
     st = snap["status"]
-    parts = [device_panel(st), models_table(st)]
+    several = len(st.get("devices") or []) > 1
+    parts = [device_panel(st)]
+    if several:
+        parts.append(devices_table(st))
+    parts.append(models_table(st))
     if st.get("groups"):
         parts.append(groups_table(st))
-    parts.append(agents_table(snap["agents"], sort, now))
+    parts.append(agents_table(snap["agents"], sort, now, devices=several))
     if note:
         parts.append(Text(note, style="bold red"))
     return Group(*parts)

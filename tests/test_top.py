@@ -70,3 +70,40 @@ def test_frame_renders_without_device_numbers():
     console.print(frame({"status": st, "agents": []}, "residence"))
     text = console.export_text()
     assert "cap 1.0 GiB" in text and "NVML used -" in text
+
+
+def test_several_devices_get_a_row_each():
+    st = {"version": "0.2.0", "endpoint": "ipc://x", "worker_state": "ready", "worker_pid": 1,
+          "worker_restarts": 0, "ledger_max_bytes": 3 << 30, "ledger_allocated_bytes": 1 << 29,
+          "device_total_bytes": None, "device_used_bytes": None, "external_bytes": None,
+          "agents": 3, "live_agents": ["a", "b"], "queue_depth": 0, "waiting_for_room": 1,
+          "inflight": 0, "parked_ram_bytes": 0, "models": [], "groups": [],
+          "devices": [
+              {"device": 0, "name": "local:0", "remote": False, "worker_state": "ready",
+               "worker_pid": 11, "worker_restarts": 0, "device_name": "cpu (declared size)",
+               "ledger_allocated_bytes": 1 << 29, "ledger_max_bytes": 1 << 30,
+               "used_bytes": None, "total_bytes": 1 << 30, "agents": ["a", "b"],
+               "live_agents": ["a", "b"], "waiting_for_room": 0},
+              {"device": 1, "name": "gpu-host:gpu1", "remote": True, "worker_state": "lost",
+               "worker_pid": None, "worker_restarts": 2, "device_name": "NVIDIA H200",
+               "ledger_allocated_bytes": 0, "ledger_max_bytes": 2 << 30,
+               "used_bytes": 5 << 20, "total_bytes": 2 << 30, "agents": ["c"],
+               "live_agents": [], "waiting_for_room": 1}]}
+    agent = {"agent": "c", "model": "m.gguf", "device": 1, "residence": "parked_ram",
+             "booked_now_bytes": 0, "parked_bytes": 1 << 20, "queue_depth": 0,
+             "generated_tokens": 5, "last_active": None}
+    console = Console(width=200, no_color=True, record=True, file=open("/dev/null", "w"))
+    console.print(frame({"status": st, "agents": [agent]}, "residence"))
+    text = console.export_text()
+    assert [c.strip() for c in _row(text, "c").split("│")[1:4]] == ["c", "m.gguf", "1"]
+    cells = [(line.split("│")[1].strip(), line) for line in text.splitlines()
+             if line.count("│") > 3]
+    rows = {first: line for first, line in cells if first in ("0", "1")}
+    assert "devices" in text and set(rows) == {"0", "1"}, text
+    assert "local:0" in rows["0"] and "ready pid 11" in rows["0"] and "512.0 MiB" in rows["0"]
+    assert "gpu-host:gpu1" in rows["1"] and "lost" in rows["1"] and "(remote)" in rows["1"]
+    assert "restarts 2" in rows["1"] and "2.0 GiB" in rows["1"]
+    single = dict(st, devices=st["devices"][:1])
+    console = Console(width=200, no_color=True, record=True, file=open("/dev/null", "w"))
+    console.print(frame({"status": single, "agents": []}, "residence"))
+    assert "devices" not in console.export_text()           # one device: the panel says it
