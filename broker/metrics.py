@@ -207,6 +207,34 @@ def _gauge(name, doc, value, labels=None, samples=()):
     return g
 
 
+def _per_device(devices, agents):
+    """lmx_devices_* gauges, one series per device (labels device and name): its worker's
+    readiness, its ledger, its NVML reading, its agents live and parked."""
+    label = [(str(d.index), d.name or f"local:{d.index}") for d in devices]
+    ready = [(lv, int(d.state == "ready")) for lv, d in zip(label, devices)]
+    cap = [(lv, d.ledger.max_bytes) for lv, d in zip(label, devices)]
+    booked = [(lv, d.ledger.allocated_bytes) for lv, d in zip(label, devices)]
+    used = [(lv, d.device.used_bytes) for lv, d in zip(label, devices)
+            if d.device is not None and d.device.used_bytes is not None]
+    states = []
+    for lv, d in zip(label, devices):
+        mine = [a for a in agents if a.dev == d.index]
+        live = sum(1 for a in mine if a.live)
+        states += [([*lv, "live"], live), ([*lv, "parked"], len(mine) - live)]
+    names = ["device", "name"]
+    return [
+        _gauge("lmx_devices_worker_ready", "1 while the device's worker is ready.", None,
+               names, [(list(lv), v) for lv, v in ready]),
+        _gauge("lmx_devices_ledger_cap_bytes", "The device's ledger cap.", None, names,
+               [(list(lv), v) for lv, v in cap]),
+        _gauge("lmx_devices_ledger_allocated_bytes", "Bytes booked in the device's ledger.",
+               None, names, [(list(lv), v) for lv, v in booked]),
+        _gauge("lmx_devices_used_bytes", "The device's bytes in use (NVML; GPUs only).", None,
+               names, [(list(lv), v) for lv, v in used]),
+        _gauge("lmx_devices_agents", "Agents on the device, by state.", None,
+               names + ["state"], states)]
+
+
 class StateCollector:
     """Gauges read from the core when Prometheus scrapes (on its HTTP thread)."""
 
@@ -260,7 +288,8 @@ class StateCollector:
                 (["free"], sum(max(g.capacity - len(g.members), 0) for g in groups))]),
             _gauge("lmx_worker_ready", "1 while the worker is ready.",
                    int(core.worker.state == "ready")),
-            self._models(devices, groups), self._agents(devices, agents), *self._quotas()]
+            self._models(devices, groups), self._agents(devices, agents), *self._quotas(),
+            *_per_device(devices, agents)]
         restarts = CounterMetricFamily("lmx_worker_restarts", "Workers started after a loss.",
                                        value=sum(d.restarts for d in devices))
         builds = CounterMetricFamily("lmx_context_builds", "Contexts the workers built.",

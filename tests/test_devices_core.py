@@ -245,3 +245,22 @@ def test_metrics_sum_the_ledgers_of_every_device():
     assert value("lmx_model_booked_bytes", {"model": "small.gguf", "kind": "weights"}) == \
         2 * WEIGHTS["small"]
     assert value("lmx_agent_booked_bytes", {"agent": "b"}) == CONTEXT
+
+
+def test_metrics_have_a_series_per_device():
+    """lmx_devices_*: each device's worker readiness, ledger and agents, labelled."""
+    from lmx.broker.metrics import StateCollector
+    h = Harness(totals=[1000 * MiB, 600 * MiB])
+    h.send("REGISTER", agent="a", model="small", device=1)
+    h.run_jobs()
+    h.feed(WorkerLost("exited", h.now, dev=0))
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for fam in StateCollector(h.core).collect() for s in fam.samples
+           if s.name.startswith("lmx_devices_")}
+    d0, d1 = (("device", "0"), ("name", "local:0")), (("device", "1"), ("name", "local:1"))
+    assert got[("lmx_devices_worker_ready", d0)] == 0 and got[("lmx_devices_worker_ready", d1)] == 1
+    assert got[("lmx_devices_ledger_cap_bytes", d1)] == h.core.devices[1].ledger.max_bytes
+    assert got[("lmx_devices_ledger_allocated_bytes", d1)] == \
+        h.core.devices[1].ledger.allocated_bytes > 0
+    assert got[("lmx_devices_agents", d1 + (("state", "live"),))] == 1
+    assert got[("lmx_devices_agents", d0 + (("state", "live"),))] == 0
