@@ -164,8 +164,9 @@ class Broker:
             poller.register(sock, zmq.POLLIN)
         next_beat = next_tick = time.monotonic()
         while not self.stop:
-            wait = HOLD_TICK_S if room.holding(self.core) else TICK_S if \
-                self.outbox.pending else self.config.heartbeat_s / 2
+            holding = room.holding(self.core)      # a swap waits out a burst: tick often
+            wait = HOLD_TICK_S if holding else TICK_S if self.outbox.pending else \
+                self.config.heartbeat_s / 2
             events = dict(poller.poll(int(wait * 1000)))
             for sock in self.workers.sockets():
                 if sock in events:
@@ -173,9 +174,9 @@ class Broker:
             if self.client in events:
                 self._drain(self.client, self._on_client)
             now = time.monotonic()
-            if now >= next_tick or room.holding(self.core):
+            if now >= next_tick:
                 self._dispatch(Tick(now, time.time()))
-                next_tick = now + TICK_S
+                next_tick = now + (HOLD_TICK_S if holding else TICK_S)
             if now >= next_beat:
                 self.workers.broadcast(protocol.encode_request("HEARTBEAT", 0))
                 next_beat = now + self.config.heartbeat_s
