@@ -97,9 +97,7 @@ def plan(core, op, rec):
     live = live_count(core, dev) + (0 if rec is not None and rec.live else 1)
     limit = core.config.max_live_contexts
     extra = max(live - limit, 0) if limit else 0
-    idle = sorted((a for a in core.agents.values() if a.live and a is not rec and
-                   a.dev == dev.index and a.state == "ready" and not a.unparkable and
-                   core.lane_idle(a.name)), key=lambda a: a.last_used)
+    idle = sorted(_idle(core, dev, rec), key=lambda a: a.last_used)
     if rec is not None and rec.live:
         return [Step("park", v.name) for v in idle[:extra]] if len(idle) >= extra else None
     path, spec, seat, compute, weights = _need(core, op, rec)
@@ -115,6 +113,13 @@ def plan(core, op, rec):
         return [Step("park", same[0].name, takeover=True)] + [Step("park", v.name)
                                                                for v in others]
     return _plan_bytes(core, dev, idle, need - free, extra, (path, spec))
+
+
+def _idle(core, dev, rec):
+    """The live agents of dev (not rec) that may be parked now: nothing queued or running for
+    them, their last PARK not refused."""
+    return [a for a in core.agents.values() if a.live and a is not rec and a.dev == dev.index
+            and a.state == "ready" and not a.unparkable and core.lane_idle(a.name)]
 
 
 def _by_busy_group(core, idle):
@@ -294,8 +299,7 @@ def _no_room(core, op):
 def _freeable(core, dev, rec):
     """The most bytes parking every idle agent of dev (not rec) could give back: a group they
     would leave empty goes whole (compute and seats), another shrinks to its other members."""
-    idle = [a for a in core.agents.values() if a.live and a is not rec and a.dev == dev.index
-            and a.state == "ready" and not a.unparkable and core.lane_idle(a.name)]
+    idle = _idle(core, dev, rec)
     total = 0
     for gid in {a.gid for a in idle}:
         group = core.groups.get(gid)
