@@ -63,3 +63,13 @@ def test_gpus_all_without_nvml_is_a_clear_usage_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", types.SimpleNamespace(nvmlInit=broken))
     with pytest.raises(click.BadParameter, match="needs NVML"):
         broker_main.main.make_context("lmx-broker", ["--gpus", "all"])
+
+
+def test_the_swap_grace_and_the_turn_budget_reach_the_core_and_the_workers(tmp_path):
+    config = _config(["--swap-grace-ms", "35", "--turn-tokens", "256", "--quantum", "3",
+                      "--vram-total", "1GiB", "--vram-total", "2GiB"], tmp_path)
+    assert config.swap_grace_s == 0.035
+    assert [(w.turn_tokens, w.quantum) for w in config.local_workers()] == [(256, 3)] * 2
+    assert _config(["--swap-grace-ms", "0"], tmp_path).swap_grace_s == 0
+    with pytest.raises(click.BadParameter):
+        broker_main.main.make_context("lmx-broker", ["--turn-tokens", "0"])
