@@ -128,19 +128,24 @@ class MemWatch(threading.Thread):
 
 
 def plot(panels, path, ylabel, limit=None):
-    """panels: [(title, {label: [(t, bytes)]}, (t_start, t_end))] -> one PNG, a panel each;
-    `limit` (bytes) draws the emulated card's size as a dashed line."""
+    """panels: [(title, {label: [(t, bytes)]}, (t_start, t_end)[, [(t, mark label)]])] -> one
+    PNG, a panel each, marks as dotted vertical lines; `limit` (bytes) draws the emulated
+    card's size as a dashed line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-    for ax, (title, series, (t0, t1)) in zip(axes[0], panels):
+    for ax, (title, series, (t0, t1), *marks) in zip(axes[0], panels):
         for label, points in sorted(series.items()):
             pts = [(t - t0, b / 2**20) for t, b in points if t0 <= t <= t1]
             if pts:
                 ax.plot(*zip(*pts), label=label)
         if limit:
             ax.axhline(limit / 2**20, color="grey", linestyle="--", label="card")
+        for t, text in (marks[0] if marks else []):
+            ax.axvline(t - t0, color="black", linestyle=":", linewidth=0.8)
+            ax.annotate(text, (t - t0, 1), xycoords=("data", "axes fraction"), rotation=90,
+                        va="top", ha="right", fontsize=6)
         ax.set_title(title)
         ax.set_xlabel("seconds")
         ax.set_ylabel(ylabel)

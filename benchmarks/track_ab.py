@@ -1,23 +1,29 @@
 #!/usr/bin/env python3
-"""Track A vs Track B: three agents' models on one emulated card, without and with lmx.
+r"""Track A vs Track B: three agents' models on one emulated card, without and with lmx.
 
 Track A starts three independent llama-cpp-python processes (all layers on the GPU), one after
 another, and records who survives and the error text of those that die. Track B runs
 lmx-broker on the same card and REGISTERs the same three models: first at the same context
 (what it admits, what it refuses and with which numbers, and whether a q8_0 KV cache gets a
 refused agent in), then at a context agents really use; every admitted agent DECODEs.
-Track B with parking (--parking, on by default) runs a broker with --admit-by-parking at the
-seed's context, f16 then q8_0 KV: the three agents are registered (one parks another to get
-in when they do not fit together) and served round-robin, --rounds times each, one request
-at a time: which were live when asked, how long making one live took (the broker's queue
-and swap, the worker's restore, the first token), parks and restores, and the ledger after
-every request. Per-process device memory is sampled throughout (NVML; RSS on CPU) and drawn
-as one PNG, a panel per track.
+Track B with parking (on by default; --no-parking skips it; the code is in track_parking.py)
+runs a broker with --admit-by-parking at --parking-n-ctx (default --n-ctx, the seed's 172032),
+f16 then q8_0 KV: the three agents are registered (one parks others to get in when they do not
+fit together) and served round-robin, --rounds (2) times each, one streamed request at a time.
+Per request: the agent's residence when asked (LIST), the make-live time (sent to first token;
+the broker's queue_ms and the worker's swap_ms, its context build plus restore), what it parked,
+whether it restored its state, a refusal's numbers, the ledger after it (STATUS). Per KV type
+a table: agent, served in round 1 / 2, make-live ms, allocated / cap. Per-process device memory
+is sampled throughout (NVML; RSS on CPU) and drawn as one PNG, a panel per track; the parking
+panel marks each KV phase's registration and rounds.
 
     # GPU: a ballast leaves --card bytes free on the real card
-    python benchmarks/track_ab.py --models a.gguf b.gguf c.gguf --n-ctx 172032 --card 8GiB --out DIR
-    # CPU (CI's tiny mode): no ballast; the broker's declared size is --card
-    python benchmarks/track_ab.py --cpu --models ... --n-ctx 2048 --alt-n-ctx 512 --card 1GiB --out DIR
+    python benchmarks/track_ab.py --models a.gguf --models b.gguf --models c.gguf \
+        --n-ctx 172032 --card 8GiB --out DIR
+    # CPU (CI's tiny mode): no ballast; the broker's declared size is --card (the parking
+    # broker's is --parking-card, small enough that the tiny models must park)
+    python benchmarks/track_ab.py --cpu --models ... --n-ctx 2048 --alt-n-ctx 512 --card 256MiB \
+        --parking-n-ctx 16384 --parking-card 76MiB --out DIR
 """
 import json
 import os
@@ -29,6 +35,7 @@ import time
 import click
 
 import benchlib
+import track_parking
 from lmx.common.client import Client
 from lmx.common.config import parse_size
 
@@ -80,7 +87,8 @@ def track_a(models, n_ctx, fa, gpu, watch, folder):
 def _call(c, verb, **fields):
     r = c.call(verb, **fields)
     keep = ("status", "code", "reason", "message", "booked_bytes", "model_booked_bytes",
-            "ledger_max_bytes", "ledger_allocated_bytes", "requested_bytes", "generated_tokens",
+            "ledger_max_bytes", "ledger_allocated_bytes", "requested_bytes", "freeable_bytes",
+            "generated_tokens",
             "elapsed_ms", "kv_swap_evicted", "kv_swap_parked", "kv_swap_restored",
             "context_reset", "estimate_source")
     return {k: r[k] for k in keep if k in r}
@@ -105,57 +113,6 @@ def track_b(models, n_ctx, alt_n_ctx, gpu, card, watch, folder):
         broker.terminate()
         broker.wait(60)
     return out
-
-
-def track_p(models, n_ctx, rounds, gpu, card, watch, folder):
-    """lmx-broker with --admit-by-parking: the three agents served round-robin at n_ctx, with
-    f16 then q8_0 KV; every request's liveness, make-live time and the ledger after it."""
-    log = open(os.path.join(folder, "broker-parking.log"), "w")
-    args = ["--admit-by-parking", "--park-ram", "64GiB"]
-    args += [] if gpu else ["--cpu", "--vram-total", str(card), "--threads", "2"]
-    broker, endpoint, status = benchlib.start_broker(folder, models, *args, stderr=log)
-    out = {"n_ctx": n_ctx, "worker_pid": status["worker_pid"], "phases": []}
-    try:
-        with Client(endpoint, timeout=600) as c:
-            watch.watch(status["worker_pid"], "B, parking: lmx-worker")
-            for kv in ("f16", "q8_0"):
-                out["phases"].append(_parking_phase(c, models, n_ctx, kv, rounds))
-    finally:
-        broker.terminate()
-        broker.wait(60)
-    return out
-
-
-def _parking_phase(c, models, n_ctx, kv, rounds):
-    phase = {"kv": kv, "registers": [], "requests": []}
-    agents = []
-    for model in models:
-        agent = f"{os.path.basename(model).split('.')[0]}-{kv}-parking"
-        fields = {"agent": agent, "model": model, "n_ctx": n_ctx}
-        if kv != "f16":
-            fields.update(type_k=kv, type_v=kv)
-        reg = _call(c, "REGISTER", **fields)
-        phase["registers"].append(dict(reg, agent=agent))
-        if reg["status"] == "ok":
-            agents.append(agent)
-    for turn in range(rounds):
-        for agent in agents:
-            live = agent in c.call("STATUS")["live_agents"]
-            t0 = time.perf_counter()
-            r = c.call("DECODE", agent=agent, prompt=" and then", n_predict=8)
-            wall = (time.perf_counter() - t0) * 1000
-            s = c.call("STATUS")
-            phase["requests"].append({
-                "round": turn + 1, "agent": agent, "live_before": live, "status": r["status"],
-                "code": r.get("code"), "message": r.get("message"),
-                "restored": bool(r.get("kv_swap_restored")),
-                "parked": r.get("kv_swap_parked") or [], "wall_ms": round(wall, 1),
-                "queue_ms": r.get("queue_ms"), "swap_ms": r.get("swap_ms"),
-                "ttft_ms": r.get("ttft_ms"), "allocated": s["ledger_allocated_bytes"],
-                "cap": s["ledger_max_bytes"], "live_after": list(s["live_agents"])})
-    for agent in agents:
-        c.call("UNREGISTER", agent=agent)
-    return phase
 
 
 def _phase(c, models, n_ctx, kv):
@@ -240,7 +197,7 @@ def main(models, n_ctx, alt_n_ctx, card, flash_attn, parking, rounds, parking_n_
         if parking:
             time.sleep(1.0)
             p0 = watch.mark()
-            result["track_p"] = track_p(models, parking_n_ctx or n_ctx, rounds, gpu,
+            result["track_p"] = track_parking.track_p(models, parking_n_ctx or n_ctx, rounds, gpu,
                                         parse_size(parking_card) if parking_card else card,
                                         watch, folder)
             result["phases_s"] = {"p": [p0, watch.mark()]}
@@ -265,7 +222,7 @@ def draw(result, path):
                   ("Track B: lmx-broker (one worker)", series, ph["b"])]
         if "p" in ph:
             panels.append(("Track B, --admit-by-parking: round-robin, f16 then q8_0 KV",
-                           series, ph["p"]))
+                           series, ph["p"], result["track_p"].get("marks", [])))
         benchlib.plot(panels, path,
                       "device MiB (NVML)" if result["gpu"] else "RSS MiB", card)
     except ImportError:
@@ -286,16 +243,8 @@ def summary(r):
             dec = row.get("decode", {})
             click.echo(f"B n_ctx={ph['n_ctx']:6} kv={ph['kv']:5} {row['agent'][:30]:30} {verdict}"
                        f"{'  decoded ' + str(dec.get('generated_tokens')) if dec else ''}")
-    for ph in r.get("track_p", {}).get("phases", []):
-        refused = [g["agent"] for g in ph["registers"] if g["status"] != "ok"]
-        click.echo(f"P kv={ph['kv']:5} parking, refused at REGISTER: {refused or 'none'}")
-        for q in ph["requests"]:
-            click.echo(f"P kv={ph['kv']:5} round {q['round']} {q['agent'][:30]:30} "
-                       f"{'live' if q['live_before'] else 'parked':6} -> {q['status']:5} "
-                       f"wall {q['wall_ms']:7.1f} ms swap {q['swap_ms']} ms restored "
-                       f"{q['restored']} parked {q['parked']} allocated {q['allocated']:,} / "
-                       f"{q['cap']:,}")
-
+    for line in track_parking.summary_lines(r.get("track_p", {})):
+        click.echo(line)
 
 if __name__ == "__main__":
     main()
