@@ -21,7 +21,7 @@ import numpy as np
 from lmx.common.errors import Code, LmxError, Reason
 from lmx.common.jobs import DecodeResult
 from lmx.worker import batchplan
-from lmx.worker.model import Emitter
+from lmx.worker.model import TRACE, Emitter
 
 
 def run_stats(run, t_first):
@@ -41,7 +41,6 @@ def run_stats(run, t_first):
 
 SAMPLER_THREADS = max(1, min(8, len(os.sched_getaffinity(0))))
 log = logging.getLogger("lmx.worker")
-TRACE = os.environ.get("LMX_TRACE_STEPS") == "1"   # a debug line per step: what it carried
 
 
 def _sample_part(ctx, chains, rows):

@@ -4,9 +4,11 @@ import llama_cpp  # noqa: I001  -- before numpy (CUDA load order), as everywhere
 import codecs
 import ctypes
 import logging
+import os
 import time
 
 log = logging.getLogger("lmx.worker")
+TRACE = os.environ.get("LMX_TRACE_STEPS") == "1"   # a debug line per step and per park
 
 
 def device_bytes(buffers, cuda):

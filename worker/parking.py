@@ -19,11 +19,11 @@ from lmx.common.errors import Code, LmxError, Reason
 from lmx.common.ctxspec import ContextSpec
 from lmx.common.jobs import ExportResult, ImportResult, ParkResult, RegisterResult
 from lmx.worker import parkdisk, seqstate
+from lmx.worker.model import TRACE
 from lmx.worker.device import HostBuffer
 
 log = logging.getLogger("lmx.worker")
 STATE_FORMAT = "seq-1"               # what the parked files hold: llama_state_seq_get_data
-TRACE = os.environ.get("LMX_TRACE_STEPS") == "1"   # a debug line per park too (decode.py)
 
 
 class ParkMixin:
