@@ -24,6 +24,7 @@ import llama_cpp  # noqa: I001  -- before numpy (the CUDA load order)
 import multiprocessing as mp
 import os
 import statistics
+import subprocess
 import tempfile
 import time
 
@@ -177,7 +178,7 @@ def summarize(rows):
 
 
 def run_lmx(model, ns, n_ctx, n_predict, card, cpu, procs, max_batch, repeats=1,
-            population=0):
+            population=0, broker_log=None):
     """{N: row} through a broker on an emulated card of `card` bytes: per N, N agents (or
     `population` when larger, N of them decoding) registered, measured, unregistered."""
     ballast = None
@@ -188,8 +189,9 @@ def run_lmx(model, ns, n_ctx, n_predict, card, cpu, procs, max_batch, repeats=1,
             "--max-agents-per-client", "1024"]
     args += ["--cpu", "--threads", str(len(os.sched_getaffinity(0))), "--vram-total",
              str(card)] if cpu else []
+    log = open(broker_log, "w") if broker_log else subprocess.DEVNULL
     broker, endpoint, _ = benchlib.start_broker(tempfile.mkdtemp(prefix="lmx-many-"), [model],
-                                                *args)
+                                                *args, stderr=log)
     from lmx.common.client import Client
     out = {}
     try:
@@ -239,10 +241,13 @@ def _measure(c, endpoint, agents, n_predict, procs, repeats):
               "agents between busy ones in a group cost a filler token a step.")
 @click.option("--repeats", default=3, show_default=True,
               help="Timed rounds per N, both sides; the median round is reported.")
+@click.option("--broker-log", default=None, type=click.Path(dir_okay=False),
+              help="Keep the broker's and worker's log here (with LMX_TRACE_STEPS=1 in the "
+              "environment: a line per step and per park).")
 @click.option("--cpu", is_flag=True)
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False))
 def main(model, ns, raw_max, n_ctx, n_predict, card, procs, max_batch, population, repeats,
-         cpu, out_dir):
+         broker_log, cpu, out_dir):
     """Print the table; write many_agents.json and .md under --out."""
     from lmx.common.config import parse_size
     card = parse_size(card)
@@ -250,7 +255,7 @@ def main(model, ns, raw_max, n_ctx, n_predict, card, procs, max_batch, populatio
     raw = raw_loop(model, [n for n in ns if n <= raw_max], n_ctx, n_predict, not cpu, threads,
                    repeats)
     rows = run_lmx(model, ns, n_ctx, n_predict, card, cpu, procs, max_batch, repeats,
-                   population)
+                   population, broker_log)
     top = max(raw)
     lines = [f"{'CPU' if cpu else 'GPU'}, model {os.path.basename(model)}, n_ctx {n_ctx}, "
              f"{n_predict} tokens per agent, emulated card {card / (1 << 30):.1f} GiB, "

@@ -153,7 +153,8 @@ def test_many_agents_tiny(tiny, tmp_path):
     context built during a round (the agents were seated by the warm-up)."""
     text = run("many_agents.py", "--cpu", "--model", tiny[0], "--n", "2", "--n", "4",
                "--n-ctx", "256", "--n-predict", "8", "--card", "1GiB", "--procs", "1",
-               "--repeats", "2", "--out", str(tmp_path))
+               "--repeats", "2", "--broker-log", str(tmp_path / "broker.log"),
+               "--out", str(tmp_path))
     got = json.loads((tmp_path / "many_agents.json").read_text())
     rows = got["rows"]
     assert set(got["raw"]) == {"2", "4"} and all(v > 0 for v in got["raw"].values())
@@ -163,6 +164,7 @@ def test_many_agents_tiny(tiny, tmp_path):
     assert all(len(rows[n]["rounds"]) == 2 and rows[n]["tok_s"] in
                [r["tok_s"] for r in rows[n]["rounds"]] for n in rows)
     assert "| 4 |" in text and (tmp_path / "many_agents.md").exists()
+    assert "worker: loaded" in (tmp_path / "broker.log").read_text()      # the log was kept
 
 
 def test_seat_bytes_tiny(tiny):
