@@ -19,7 +19,7 @@ def write_atomic(path, data, durable=True):
     os.makedirs(folder, mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
-        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as fh:
+        with os.fdopen(fd, "w" if isinstance(data, str) else "wb") as fh:
             fh.write(data)
             fh.flush()
             if durable:

@@ -522,3 +522,27 @@ def test_a_lone_parked_agents_request_waits_one_grace_and_a_burst_at_most_five()
         for job in g.jobs("DECODE"):
             g.answer(g.worker.pending.index(job))
     assert g.final(late) is not None and g.final(late)["status"] == "ok"   # not starved
+
+
+def test_a_streamed_token_relays_its_partial_and_plans_no_room(monkeypatch):
+    """d e f g decode (streaming) while a and b wait for a seat: each streamed token is
+    relayed, and the room queue is not planned again for it (a token frees no room; at 100
+    agents planning the waiting ones at each of a step's 79 tokens put the broker 100 ms
+    behind the worker). When the runs end, a and b are served."""
+    from lmx.broker.core import room
+    from lmx.broker.core.events import WorkerToken
+    h = _four_seats_two_parked()
+    runs = [h.send("DECODE", agent=name, prompt="x", n_predict=2, stream=True)
+            for name in "defg"]
+    waiting = [h.send("DECODE", agent=name, prompt="x", n_predict=2) for name in "ab"]
+    assert [op.agent for op in h.core.room] == ["a", "b"] and not h.jobs("PARK")
+    plans = []
+    plan = room.plan
+    monkeypatch.setattr(room, "plan", lambda *a: (plans.append(a[1].agent), plan(*a))[1])
+    for job in h.jobs("DECODE"):
+        h.feed(WorkerToken(job.job_id, 0, 7, "x", h.now))
+    assert plans == []
+    partials = [r for i in runs for r in h.replies[(b"c1", i)] if r["status"] == "partial"]
+    assert len(partials) == 4
+    h.run_jobs()
+    assert plans and [h.final(i)["status"] for i in runs + waiting] == ["ok"] * 6

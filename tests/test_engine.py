@@ -410,6 +410,34 @@ def test_the_scheduler_answers_each_job_with_one_typed_result(smol_path):
         eng.close()
 
 
+def test_runs_that_end_in_one_step_send_the_engine_summary_once(smol_path):
+    """Three agents of one group decode 3 tokens together and end in the same step: three
+    RESULTs, each with its slot, and the engine's summary only with the last (at 80 agents
+    80 copies of it cost the worker and the broker about 0.2 ms each)."""
+    import time
+    from lmx.common.jobs import DecodeJob, RegisterJob, Result
+    from lmx.worker.engine import Engine
+    from lmx.worker.scheduler import Incoming, Scheduler
+    eng, sock = Engine(2, gpu=False, pinned=False), _Frames()
+    sched, now = Scheduler(eng, sock, set()), time.monotonic()
+    try:
+        for i, name in enumerate("abc"):
+            sched._take(Incoming(i + 1, "REGISTER", RegisterJob(
+                name, smol_path, ContextSpec(n_ctx=512).as_dict()), now))
+        for i, name in enumerate("abc"):
+            sched._take(Incoming(i + 4, "DECODE", DecodeJob(name, PROMPTS[0], 3), now))
+        while sched.waiting or sched.running:
+            sched._round()
+        results = [Result.from_wire(m) for m in sock.sent if m["verb"] == "RESULT"]
+        runs = [r for m, r in zip([m for m in sock.sent if m["verb"] == "RESULT"], results)
+                if m["id"] >= 4]
+        assert len(runs) == 3 and all(r.ok and r.slot is not None for r in runs)
+        assert [r.engine is not None for r in runs] == [False, False, True]
+        assert sorted(runs[-1].engine.live_agents) == ["a", "b", "c"]
+    finally:
+        eng.close()
+
+
 def test_a_resize_carries_every_member_and_parking_never_rebuilds(smol_path):
     """Seats as the broker places them: 4 agents in a group of 8; parking and restoring swap
     seats without a build; RESIZE shrinks the group to its members, packed to the first seats,
@@ -554,18 +582,24 @@ def test_a_steps_tokens_are_streamed_while_the_next_step_is_computed(smol_path):
 
 
 def test_freed_park_buffers_are_reused_within_the_pool_limit(monkeypatch):
-    """A freed buffer comes back for a state of about its size (no new allocation: pinned
-    ones cost milliseconds to allocate and free); a much smaller state gets a new one; past
-    POOL_BYTES freed buffers are released."""
+    """A freed buffer comes back for a state of its power-of-two size class, a grown one
+    included (no new allocation: pinned ones cost milliseconds to allocate and free); a much
+    smaller state gets a new one; past POOL_BYTES freed buffers are released; above
+    CLASS_MAX a buffer is the state's size."""
     from lmx.worker.device import HostBuffer
     HostBuffer.drain()
     monkeypatch.setattr(HostBuffer, "POOL_BYTES", 3 << 20)
-    a = HostBuffer.get(1 << 20, False)
+    a = HostBuffer.get(600_000, False)
+    assert a.size == 1 << 20 and a.nbytes == 600_000
     a.free()
-    b = HostBuffer.get((1 << 20) - 1000, False)
+    b = HostBuffer.get((1 << 20) - 1000, False)           # the state grew: same class
     assert b is a and b.nbytes == (1 << 20) - 1000
     small = HostBuffer.get(1 << 10, False)
-    assert small is not a
+    assert small is not a and small.size == HostBuffer.CLASS_MIN
+    b.free()
+    assert HostBuffer.get((1 << 20) + 1, False) is not a   # the next class
+    assert HostBuffer.size_class(HostBuffer.CLASS_MAX + 1) == HostBuffer.CLASS_MAX + 1
+    HostBuffer.drain()
     big = [HostBuffer.get(2 << 20, False) for _ in range(2)]
     for buf in big:
         buf.free()

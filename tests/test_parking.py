@@ -106,3 +106,40 @@ def _final(c, req):
     if reply["status"] == "error":
         raise LmxError(reply["code"], reply["message"])
     return reply
+
+
+def test_a_parked_copy_is_written_from_its_buffer_unless_restored_first(tmp_path):
+    """parkdisk.save_from writes the host buffer's bytes when its turn comes (no copy at the
+    PARK); a state restored before then (cancel) is not written at all, and a cancel while
+    its write is under way waits for it."""
+    import ctypes
+    import json
+    import threading
+    from lmx.worker import parkdisk
+    folder = str(tmp_path)
+    gate = threading.Event()
+    parkdisk._queue(folder, lambda *a: gate.wait(30))        # the writer is busy
+    buf = (ctypes.c_uint8 * 5).from_buffer_copy(b"abcde")
+    kept = parkdisk.save_from(folder, "kept", ctypes.addressof(buf), 5, {"n_past": 5})
+    gone = parkdisk.save_from(folder, "gone", ctypes.addressof(buf), 5, {"n_past": 5})
+    gone.cancel()                                       # restored before its turn
+    buf[0] = ord("A")                                   # changed before "kept"'s turn
+    gate.set()
+    parkdisk.flush(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json", "kept.state"]
+    assert (tmp_path / "kept.state").read_bytes() == b"Abcde"   # read at its turn, not before
+    assert json.loads((tmp_path / "kept.json").read_text()) == {"n_past": 5}
+    slow = threading.Event()
+    started = threading.Event()
+    parkdisk._queue(folder, lambda *a: (started.set(), slow.wait(30)))
+    late = parkdisk.save_from(folder, "late", ctypes.addressof(buf), 5, {})
+    late.lock.acquire()                                 # as if its write were under way
+    t = threading.Thread(target=late.cancel)
+    t.start()
+    slow.set()
+    t.join(0.2)
+    assert t.is_alive()                                 # cancel waits for the write
+    late.lock.release()
+    t.join(10)
+    parkdisk.flush(folder)
+    assert not (tmp_path / "late.state").exists()       # cancelled before it could start

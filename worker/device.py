@@ -83,29 +83,53 @@ def open_device(gpu_offload, gpu_index=0, declared_total=None, default_total=8 <
 
 
 class HostBuffer:
-    """A host buffer for parked state: pinned (cudaHostAlloc) when possible, else pageable.
+    """A host buffer for parked state: pinned (cudaHostAlloc) for a state of PIN_MIN bytes or
+    more when possible, else pageable.
 
-    Freed buffers are kept (up to POOL_BYTES) and handed out again by get(): cudaHostAlloc and
-    cudaFreeHost pin and unpin pages and cost milliseconds, more than saving a short
-    sequence's state, and a swap of 20 agents paid them 40 times. The pool is host memory
-    outside the park budget (which counts parked states), at most POOL_BYTES."""
+    Pinning pays for large states (50/33 GB/s save/restore against 12/7.5 pageable on the
+    H200), but cudaHostAlloc pins page by page: about 0.8 ms per MiB, more than a small state's
+    save and restore cost in pageable memory (a 5.6 MB state: 4-5 ms to pin a buffer for it,
+    about 0.9 ms more to copy through pageable memory both ways). Freed buffers are kept (up
+    to POOL_BYTES) and handed out again by get(), pinned or not: a swap of 20 agents paid an
+    allocation and a free 40 times. Buffers up to CLASS_MAX are allocated in power-of-two
+    sizes (as PyTorch's pinned host allocator does), so a conversation whose state grew since
+    its last park still finds a pooled buffer; a buffer holds at most twice its state. The
+    pool is host memory outside the park budget (which counts the states' bytes), at most
+    POOL_BYTES."""
 
     _cudart = None
     _cudart_tried = False
     POOL_BYTES = 256 << 20
+    CLASS_MIN, CLASS_MAX = 64 << 10, 64 << 20
+    PIN_MIN = 32 << 20
     _pool = []                      # freed buffers, smallest first
     _pooled = 0
 
     @classmethod
+    def size_class(cls, nbytes):
+        """The bytes allocated for a state of nbytes: the next power of two (at least
+        CLASS_MIN) up to CLASS_MAX, the exact size above."""
+        if nbytes > cls.CLASS_MAX:
+            return nbytes
+        return max(cls.CLASS_MIN, 1 << (nbytes - 1).bit_length())
+
+    @classmethod
     def get(cls, nbytes, pinned):
-        """A buffer of at least nbytes: a pooled one at most a quarter larger, or a new one."""
+        """A buffer of at least nbytes: a pooled one of its size class (above CLASS_MAX: at
+        most a quarter larger), or a new one."""
+        want = cls.size_class(nbytes)
         for i, buf in enumerate(cls._pool):
-            if buf.pinned_asked == pinned and nbytes <= buf.size <= nbytes + nbytes // 4:
+            fits = buf.size == want if want <= cls.CLASS_MAX else \
+                nbytes <= buf.size <= nbytes + nbytes // 4
+            if buf.pinned_asked == pinned and fits:
                 del cls._pool[i]
                 cls._pooled -= buf.size
                 buf.nbytes = nbytes
                 return buf
-        return cls(nbytes, pinned)
+        buf = cls(want, pinned and want >= cls.PIN_MIN)
+        buf.pinned_asked = pinned
+        buf.nbytes = nbytes
+        return buf
 
     @classmethod
     def drain(cls):

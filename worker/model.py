@@ -164,6 +164,7 @@ class Slot:
         self.parked = None       # HostBuffer with llama_state_seq_get_data output
         self.parked_bytes = 0
         self.on_disk = False     # parked state only in a file (a PARK sent it to disk)
+        self.disk_copy = None    # parkdisk.Pending: the parked buffer's copy not yet written
         self.parks = 0
         self.decodes = 0
         self.generated = 0

@@ -98,7 +98,8 @@ class Core:
             self.revision += 1
         try:
             self._events[type(event)](event)
-            room.pump(self)
+            if type(event) is not WorkerToken:     # a token frees no room: no planning for
+                room.pump(self)                     # each of a 100-row step's tokens
         except Exception as exc:  # a bug: say so, and still carry out what was decided
             self.log("exception", f"broker: the core failed on {type(event).__name__}: "
                      f"{exc!r}")
