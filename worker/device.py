@@ -83,25 +83,22 @@ def open_device(gpu_offload, gpu_index=0, declared_total=None, default_total=8 <
 
 
 class HostBuffer:
-    """A host buffer for parked state: pinned (cudaHostAlloc) for a state of PIN_MIN bytes or
-    more when possible, else pageable.
+    """A host buffer for parked state: pinned (cudaHostAlloc) when possible, else pageable.
 
-    Pinning pays for large states (50/33 GB/s save/restore against 12/7.5 pageable on the
-    H200), but cudaHostAlloc pins page by page: about 0.8 ms per MiB, more than a small state's
-    save and restore cost in pageable memory (a 5.6 MB state: 4-5 ms to pin a buffer for it,
-    about 0.9 ms more to copy through pageable memory both ways). Freed buffers are kept (up
-    to POOL_BYTES) and handed out again by get(), pinned or not: a swap of 20 agents paid an
-    allocation and a free 40 times. Buffers up to CLASS_MAX are allocated in power-of-two
-    sizes (as PyTorch's pinned host allocator does), so a conversation whose state grew since
-    its last park still finds a pooled buffer; a buffer holds at most twice its state. The
-    pool is host memory outside the park budget (which counts the states' bytes), at most
-    POOL_BYTES."""
+    Freed buffers are kept (up to POOL_BYTES) and handed out again by get(): a new buffer
+    costs more than the state's save (measured on the H200 with a 5.0 MB state in an 8 MiB
+    buffer: park 8.3 ms with a new pinned buffer, 7.1 ms with a new pageable one, whose pages
+    fault in on first use, 2.3 ms with a pooled one of either kind; restore 1.0 ms from pinned,
+    1.6 ms from pageable; cudaHostAlloc + cudaFreeHost 1.5 ms for 4 MiB, 3.1 ms for 8 MiB).
+    Buffers up to CLASS_MAX are allocated in power-of-two sizes (as PyTorch's pinned host
+    allocator does), so a conversation whose state grew since its last park still finds a
+    pooled buffer; a buffer holds at most twice its state. The pool is host memory outside
+    the park budget (which counts the states' bytes), at most POOL_BYTES."""
 
     _cudart = None
     _cudart_tried = False
     POOL_BYTES = 256 << 20
     CLASS_MIN, CLASS_MAX = 64 << 10, 64 << 20
-    PIN_MIN = 32 << 20
     _pool = []                      # freed buffers, smallest first
     _pooled = 0
 
@@ -126,8 +123,7 @@ class HostBuffer:
                 cls._pooled -= buf.size
                 buf.nbytes = nbytes
                 return buf
-        buf = cls(want, pinned and want >= cls.PIN_MIN)
-        buf.pinned_asked = pinned
+        buf = cls(want, pinned)
         buf.nbytes = nbytes
         return buf
 
