@@ -175,6 +175,19 @@ def test_seat_bytes_tiny(tiny):
     assert out["context_builds_during_parking"] == 0
 
 
+def test_park_cost_tiny(tiny, tmp_path):
+    """The park-cost probe on CPU: pageable buffers only, new and pooled, every agent parked
+    and restored; its JSON is written."""
+    run("park_cost.py", "--cpu", "--model", tiny[0], "--agents", "4", "--rounds", "1",
+        "--parks", "2", "--n-ctx", "256", "--out", str(tmp_path))
+    out = json.loads((tmp_path / "park_cost.json").read_text())
+    assert out["device"] == "CPU" and sorted(k for k in out if k.startswith("pag")) == [
+        "pageable_new", "pageable_pooled"] and "pinned_new" not in out
+    assert all(out[k]["park_ms"] > 0 and out[k]["restore_ms"] > 0
+               for k in ("pageable_new", "pageable_pooled"))
+    assert out["state_bytes"] <= out["buffer_bytes"] < 2 * max(out["state_bytes"], 1 << 16)
+
+
 def test_devices_x2_tiny(tiny, tmp_path, smol_path):
     """Two declared CPU devices, four models: placement uses both, the pin holds, the too-big
     agent is refused per device; the killed worker's agents and only they get WORKER_LOST, the

@@ -11,10 +11,13 @@ a live context (from then on the conversation lives only in that context).
 
 Writes and removals run in order on one background thread (a PARK whose state stays in host
 memory answers before its copy is on disk: at a swap of 20 agents the copies cost 6 ms each
-on the GPU machine, 130 ms in the batch's way). Every read waits for what was queued before
-it, so a read never sees a stale file; a state that goes only to disk is written before the
-PARK answers. A worker killed within the milliseconds a copy takes loses that copy (and the
-agent's conversation, as it would if it were killed before parking).
+on the GPU machine, 130 ms in the batch's way). Such a copy is written straight from the
+parked host buffer when its turn comes (save_from); an agent restored before then is not
+written at all (a swap's agents often are), and its buffer is not reused until a write under
+way ends. Every read waits for what was queued before it, so a read never sees a stale file;
+a state that goes only to disk is written before the PARK answers. A worker killed before a
+copy is written loses that copy (and the agent's conversation, as it would if it were killed
+before parking).
 """
 import ctypes
 import json
