@@ -120,7 +120,7 @@ def test_a_parked_copy_is_written_from_its_buffer_unless_restored_first(tmp_path
     gate = threading.Event()
     parkdisk._queue(folder, lambda *a: gate.wait(30))        # the writer is busy
     buf = (ctypes.c_uint8 * 5).from_buffer_copy(b"abcde")
-    kept = parkdisk.save_from(folder, "kept", ctypes.addressof(buf), 5, {"n_past": 5})
+    parkdisk.save_from(folder, "kept", ctypes.addressof(buf), 5, {"n_past": 5})
     gone = parkdisk.save_from(folder, "gone", ctypes.addressof(buf), 5, {"n_past": 5})
     gone.cancel()                                       # restored before its turn
     buf[0] = ord("A")                                   # changed before "kept"'s turn
