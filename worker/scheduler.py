@@ -245,7 +245,8 @@ class Scheduler:
     def _reply(self, item, out=None, error=None, engine=True):
         """The job's one RESULT: the verb's record or the error, the slot, the engine's
         summary (engine=False: none; runs that end in one step send it once, with the last:
-        80 copies of an 80-agent summary cost the worker and the broker 0.2 ms each)."""
+        80 agents ending together sent 80 copies of an 80-agent summary, each built by the
+        worker and decoded by the broker)."""
         self._flush_stream()                # its tokens before its result
         self.cancelled.discard(item.id)
         agent = getattr(item.job, "agent", None)
