@@ -542,13 +542,15 @@ def test_a_newcomer_between_running_seats_continues_exactly(smol_path):
 def test_parked_files_are_written_behind_in_order_and_reads_wait_for_them(tmp_path):
     """A copy queued while the writer is busy does not hold up its caller; removals and
     rewrites apply in the order asked, and a read sees the last of them."""
+    import ctypes
     import threading
     folder, gate = str(tmp_path), threading.Event()
     key = {"model": "m", "spec": {}}
+    first, second = (ctypes.create_string_buffer(raw, len(raw)) for raw in (b"first", b"second"))
     parkdisk._queue(folder, lambda *_: gate.wait(30))      # the writer is busy
-    parkdisk.save(folder, "a", b"first", dict(key, n=1))
+    parkdisk.save_from(folder, "a", ctypes.addressof(first), 5, dict(key, n=1))
     parkdisk.remove(folder, "a")
-    parkdisk.save(folder, "a", b"second", dict(key, n=2))
+    parkdisk.save_from(folder, "a", ctypes.addressof(second), 6, dict(key, n=2))
     assert not (tmp_path / "a.state").exists()             # queued, the caller went on
     gate.set()
     assert parkdisk.load(folder, "a", key) == (b"second", dict(key, n=2))

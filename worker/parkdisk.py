@@ -70,14 +70,6 @@ def flush(folder=None):
             writer.tasks.join()
 
 
-def save(folder, agent, raw, meta, wait=False):
-    """Queue the state bytes' write, then the metadata that makes them valid (wait: return
-    when they are written)."""
-    _queue(folder, _save, agent, raw, meta)
-    if wait:
-        flush(folder)
-
-
 class Pending:
     """A queued write of a state still in a host buffer (save_from): it reads the buffer when
     its turn comes, unless cancel() came first."""
